@@ -1,0 +1,219 @@
+"""Depthwise separable self-attention of SepViT (Li et al., "SepViT: Separable Vision Transformer").
+
+* DSA, Eq. (1) and (3): multi-head self-attention inside each M×M window over its pixel tokens and
+  the window's token, plus the (normed) input: ``Attention(zW_Q, zW_K, zW_V) + z``.
+* PSA, Eq. (2), (4) and (7): the window tokens, through LayerNorm and GELU, give queries and keys;
+  the DSA feature maps of every window are the values, with no projection; attention runs among the
+  N windows and adds its input: ``Attention(GELU(LN(wt))W_Q, GELU(LN(wt))W_K, z) + z``.
+* GSA is the same module with windows of 2M×2M (neighbouring windows spliced into one).
+* A block whose map holds a single window has no window token and no PSA: Eq. (1) over the whole
+  map, which :class:`GlobalSelfAttention` implements.
+
+Inputs and outputs are channels-last maps (B, H, W, C) of any size: windows that overhang the map
+are zero-padded, padded pixels are masked out of DSA (never attended to) and contribute nothing to
+PSA (their values are zeroed), and are cropped away at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sepvit.layers.windows import grid_size, window_padding_mask, window_partition, window_reverse
+
+WindowToken = Literal["learnable", "zero"]
+WindowRepresentation = Literal["token", "avgpool", "dwconv"]
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(..., L, C) -> (..., heads, L, C / heads)."""
+    *batch, length, channels = x.shape
+    return x.view(*batch, length, num_heads, channels // num_heads).transpose(-2, -3)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(..., heads, L, D) -> (..., L, heads * D)."""
+    *batch, heads, length, head_dim = x.shape
+    return x.transpose(-2, -3).reshape(*batch, length, heads * head_dim)
+
+
+def depthwise_self_attention(
+    z: Tensor,
+    qkv: nn.Linear,
+    num_heads: int,
+    key_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """DSA, Eq. (1): ``Attention(zW_Q, zW_K, zW_V) + z`` over the tokens of each group.
+
+    ``z`` is (G, L, C) for G independent groups (windows) of L tokens; ``key_mask`` (G, L) marks the
+    tokens that may be attended to (None: all of them).
+    """
+    groups, length, channels = z.shape
+    q, k, v = qkv(z).view(groups, length, 3, num_heads, channels // num_heads).permute(2, 0, 3, 1, 4)
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return merge_heads(out) + z
+
+
+class GlobalSelfAttention(nn.Module):
+    """Eq. (1) over the whole map, then the output projection: a block that holds a single window."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        dropout_p = self.attn_drop if self.training else 0.0
+        z = depthwise_self_attention(
+            x.reshape(batch, height * width, channels), self.qkv, self.num_heads, dropout_p=dropout_p
+        )
+        return self.proj_drop(self.proj(z)).view(batch, height, width, channels)
+
+
+class PointwiseSelfAttention(nn.Module):
+    """PSA, Eq. (2) and (4): attention among windows, queries and keys from the window tokens."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+
+    def forward(self, window_tokens: Tensor, windows: Tensor) -> Tensor:
+        """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> (B, N, P, C)."""
+        batch, num_windows, pixels, channels = windows.shape
+        head_dim = channels // self.num_heads
+        q, k = (
+            self.qk(self.act(self.norm(window_tokens)))
+            .view(batch, num_windows, 2, self.num_heads, head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        # Each head's values are its channel slice of every pixel of the window, flattened.
+        v = windows.view(batch, num_windows, pixels, self.num_heads, head_dim).permute(0, 3, 1, 2, 4)
+        v = v.reshape(batch, self.num_heads, num_windows, pixels * head_dim)
+        # The scale is the DSA one (head_dim ** -0.5), which SDPA takes from the query width.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.view(batch, self.num_heads, num_windows, pixels, head_dim).permute(0, 2, 3, 1, 4)
+        return out.reshape(batch, num_windows, pixels, channels) + windows
+
+
+class SeparableWindowAttention(nn.Module):
+    """Depthwise separable self-attention (DSSA; GSA with a 2M window), Eq. (5)–(8) up to the residual.
+
+    Args:
+        dim: channels.
+        num_heads: heads of both DSA and PSA.
+        window_size: M; windows are M×M pixels.
+        grid_size: window grid (rows, cols) of the input size the model is built for; the learnable
+            window tokens have one vector per cell of it. On a map with another grid the tokens are
+            resized bilinearly, as position embeddings are, so each window starts from the token of
+            its relative position; on the build grid they are used as they are.
+        window_token: ``"learnable"`` (zero-initialised parameters) or ``"zero"`` (fixed zeros), Table 5.
+        window_representation: how PSA gets each window's global representation (Table 6):
+            ``"token"`` (window tokens through DSA), ``"avgpool"`` (mean of the window's DSA output)
+            or ``"dwconv"`` (an M×M depthwise convolution over the window's DSA output).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        grid_size: tuple[int, int],
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        window_token: WindowToken = "learnable",
+        window_representation: WindowRepresentation = "token",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if window_token not in ("learnable", "zero"):
+            raise ValueError(f"window_token must be 'learnable' or 'zero', not {window_token!r}")
+        if window_representation not in ("token", "avgpool", "dwconv"):
+            raise ValueError(
+                f"window_representation must be 'token', 'avgpool' or 'dwconv', not {window_representation!r}"
+            )
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        self.window_representation = window_representation
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.window_tokens = None
+        if window_representation == "token" and window_token == "learnable":
+            self.window_tokens = nn.Parameter(torch.zeros(1, *grid_size, dim))
+        self.window_pool = None
+        if window_representation == "dwconv":
+            self.window_pool = nn.Conv2d(dim, dim, window_size, groups=dim)
+        self.psa = PointwiseSelfAttention(dim, num_heads, qkv_bias, attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def tokens_for_grid(self, batch: int, grid: tuple[int, int], like: Tensor) -> Tensor:
+        """Window tokens for a window grid, (B, N, 1, C)."""
+        if self.window_tokens is None:
+            return like.new_zeros(batch, grid[0] * grid[1], 1, like.shape[-1])
+        tokens = self.window_tokens
+        if tuple(tokens.shape[1:3]) != grid:
+            tokens = F.interpolate(
+                tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False
+            )
+            tokens = tokens.permute(0, 2, 3, 1)
+        return tokens.reshape(1, grid[0] * grid[1], 1, -1).expand(batch, -1, -1, -1).to(like.dtype)
+
+    def pooled_representation(self, windows: Tensor, pixel_mask: Tensor | None) -> Tensor:
+        """Table 6 alternatives to window tokens: (B, N, P, C) DSA output -> (B, N, C)."""
+        if pixel_mask is not None:
+            windows = windows * pixel_mask[:, :, None]
+        if self.window_pool is not None:
+            weight = self.window_pool.weight.flatten(1)  # (C, M*M): one M×M filter per channel
+            return torch.einsum("bnpc,cp->bnc", windows, weight) + self.window_pool.bias
+        if pixel_mask is None:
+            return windows.mean(dim=2)
+        return windows.sum(dim=2) / pixel_mask.sum(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        grid = grid_size(height, width, self.window_size)
+        num_windows = grid[0] * grid[1]
+        windows = window_partition(x, self.window_size)  # (B, N, P, C)
+        pixels = windows.shape[2]
+        padded = grid[0] * self.window_size != height or grid[1] * self.window_size != width
+        pixel_mask = window_padding_mask(height, width, self.window_size, x.device) if padded else None
+
+        with_token = self.window_representation == "token"
+        z = torch.cat((self.tokens_for_grid(batch, grid, x), windows), dim=2) if with_token else windows
+        key_mask = None
+        if pixel_mask is not None:
+            key_mask = F.pad(pixel_mask, (1, 0), value=True) if with_token else pixel_mask
+            key_mask = key_mask.repeat(batch, 1)
+        dropout_p = self.attn_drop if self.training else 0.0
+        z = depthwise_self_attention(z.flatten(0, 1), self.qkv, self.num_heads, key_mask, dropout_p)
+        z = z.view(batch, num_windows, -1, channels)
+
+        if with_token:
+            window_tokens, windows = z[:, :, 0], z[:, :, 1:]
+        else:
+            windows = z
+            window_tokens = self.pooled_representation(windows, pixel_mask)
+        if pixel_mask is not None:  # padded pixels must add nothing to other windows in PSA
+            windows = windows * pixel_mask[:, :, None]
+        z = self.psa(window_tokens, windows)
+        out = window_reverse(z.reshape(batch, num_windows, pixels, channels), self.window_size, height, width)
+        return self.proj_drop(self.proj(out))

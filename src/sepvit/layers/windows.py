@@ -1,0 +1,49 @@
+"""Window partitioning of channels-last feature maps, with padding for maps that are not a multiple
+of the window size.
+
+Windows are numbered row-major over the window grid, pixels row-major inside a window. Maps whose
+height or width is not a multiple of the window size are padded at the bottom and right; the padded
+pixels are marked in :func:`window_padding_mask` so that attention can ignore them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def grid_size(height: int, width: int, window_size: int) -> tuple[int, int]:
+    """Number of windows along each axis once the map is padded to a multiple of the window."""
+    return -(-height // window_size), -(-width // window_size)
+
+
+def window_partition(x: Tensor, window_size: int) -> Tensor:
+    """(B, H, W, C) -> (B, num_windows, window_size**2, C), zero-padding the bottom and right edges."""
+    batch, height, width, channels = x.shape
+    grid_h, grid_w = grid_size(height, width, window_size)
+    pad_h, pad_w = grid_h * window_size - height, grid_w * window_size - width
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    x = x.view(batch, grid_h, window_size, grid_w, window_size, channels).transpose(2, 3)
+    return x.reshape(batch, grid_h * grid_w, window_size * window_size, channels)
+
+
+def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`window_partition`: (B, num_windows, window_size**2, C) -> (B, H, W, C)."""
+    batch, _, _, channels = windows.shape
+    grid_h, grid_w = grid_size(height, width, window_size)
+    x = windows.view(batch, grid_h, grid_w, window_size, window_size, channels).transpose(2, 3)
+    x = x.reshape(batch, grid_h * window_size, grid_w * window_size, channels)
+    if grid_h * window_size != height or grid_w * window_size != width:
+        x = x[:, :height, :width]
+    return x
+
+
+def window_padding_mask(height: int, width: int, window_size: int, device: torch.device) -> Tensor:
+    """Boolean (num_windows, window_size**2): True for real pixels, False for padding."""
+    grid_h, grid_w = grid_size(height, width, window_size)
+    rows = torch.arange(grid_h * window_size, device=device) < height
+    cols = torch.arange(grid_w * window_size, device=device) < width
+    real = (rows[:, None] & cols[None, :])[None, :, :, None]
+    return window_partition(real, window_size)[0, :, :, 0]

@@ -1,0 +1,231 @@
+"""DSA, PSA, GSA and the SepViT block against plain references: a loop over windows, explicit softmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sepvit.layers import GlobalSelfAttention, SeparableWindowAttention, window_partition, window_reverse
+from sepvit.layers import separable_window_attention as swa
+from sepvit.models.sepvit import SepViTBlock
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def reference_attention(z: torch.Tensor, weight, bias, num_heads: int, real_keys: torch.Tensor | None = None):
+    """Eq. (1) for one group of tokens z (L, C): softmax(QK^T / sqrt(d)) V + z, heads one by one."""
+    channels = z.shape[-1]
+    head_dim = channels // num_heads
+    q, k, v = (z @ weight.T + bias).split(channels, dim=-1)
+    heads = []
+    for h in range(num_heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        scores = q[:, part] @ k[:, part].T / math.sqrt(head_dim)
+        if real_keys is not None:
+            scores = scores.masked_fill(~real_keys[None, :], float("-inf"))
+        probs = scores.exp() / scores.exp().sum(dim=-1, keepdim=True)
+        heads.append(probs @ v[:, part])
+    return torch.cat(heads, dim=-1) + z
+
+
+def reference_separable(module: SeparableWindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """DSSA/GSA by hand: windows one at a time, then PSA window by window, head by head."""
+    batch, height, width, channels = x.shape
+    m, heads = module.window_size, module.num_heads
+    head_dim = channels // heads
+    grid_h, grid_w = math.ceil(height / m), math.ceil(width / m)
+    padded = torch.zeros(batch, grid_h * m, grid_w * m, channels)
+    padded[:, :height, :width] = x
+    real = torch.zeros(grid_h * m, grid_w * m, dtype=torch.bool)
+    real[:height, :width] = True
+    tokens = module.window_tokens
+    assert tokens is not None and tokens.shape[1:3] == (grid_h, grid_w)
+    out = torch.zeros_like(padded)
+    for b in range(batch):
+        window_tokens, maps = [], []
+        for i in range(grid_h):
+            for j in range(grid_w):
+                rows, cols = slice(i * m, (i + 1) * m), slice(j * m, (j + 1) * m)
+                pixels = padded[b, rows, cols].reshape(m * m, channels)
+                keys = torch.cat((torch.tensor([True]), real[rows, cols].reshape(-1)))
+                z = torch.cat((tokens[0, i, j][None], pixels))
+                dsa = reference_attention(z, module.qkv.weight, module.qkv.bias, heads, keys)
+                window_tokens.append(dsa[0])
+                maps.append(dsa[1:] * real[rows, cols].reshape(-1, 1))
+        t = F.gelu(
+            F.layer_norm(
+                torch.stack(window_tokens), (channels,), module.psa.norm.weight, module.psa.norm.bias
+            )
+        )
+        q, k = (t @ module.psa.qk.weight.T + module.psa.qk.bias).split(channels, dim=-1)
+        n = len(maps)
+        for i in range(n):
+            mixed = torch.zeros_like(maps[i])
+            for h in range(heads):
+                part = slice(h * head_dim, (h + 1) * head_dim)
+                scores = torch.stack([q[i, part] @ k[j, part] for j in range(n)]) / math.sqrt(head_dim)
+                probs = scores.exp() / scores.exp().sum()
+                for j in range(n):
+                    mixed[:, part] += probs[j] * maps[j][:, part]
+            window = (mixed + maps[i]).reshape(m, m, channels)
+            row, col = divmod(i, grid_w)
+            out[b, row * m : (row + 1) * m, col * m : (col + 1) * m] = window
+    out = out[:, :height, :width]
+    return out @ module.proj.weight.T + module.proj.bias
+
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every parameter (window tokens and norms too) random values, so no term hides."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("size", [(14, 21), (10, 17), (7, 7)])
+def test_dsa_matches_reference(size):
+    height, width = size
+    module = randomize(SeparableWindowAttention(16, 2, 7, (math.ceil(height / 7), math.ceil(width / 7))))
+    x = torch.randn(2, height, width, 16)
+    windows = window_partition(x, 7)
+    tokens = module.tokens_for_grid(2, (math.ceil(height / 7), math.ceil(width / 7)), x)
+    z = torch.cat((tokens, windows), dim=2).flatten(0, 1)
+    real = torch.zeros(math.ceil(height / 7) * 7, math.ceil(width / 7) * 7, dtype=torch.bool)
+    real[:height, :width] = True
+    real_windows = window_partition(real[None, :, :, None], 7)[0, :, :, 0]
+    key_mask = F.pad(real_windows, (1, 0), value=True).repeat(2, 1)
+    got = swa.depthwise_self_attention(z, module.qkv, 2, key_mask)
+    expected = torch.stack(
+        [reference_attention(g, module.qkv.weight, module.qkv.bias, 2, m) for g, m in zip(z, key_mask)]
+    )
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_psa_matches_reference():
+    module = randomize(SeparableWindowAttention(12, 3, 2, (2, 3))).psa
+    tokens, windows = torch.randn(2, 6, 12), torch.randn(2, 6, 4, 12)
+    got = module(tokens, windows)
+    t = F.gelu(F.layer_norm(tokens, (12,), module.norm.weight, module.norm.bias))
+    q, k = (t @ module.qk.weight.T + module.qk.bias).split(12, dim=-1)
+    expected = torch.empty_like(windows)
+    for b in range(2):
+        for h in range(3):
+            part = slice(4 * h, 4 * h + 4)
+            probs = torch.softmax(q[b, :, part] @ k[b, :, part].T / 2.0, dim=-1)  # scale: head_dim ** -0.5
+            expected[b, :, :, part] = (
+                torch.einsum("ij,jpc->ipc", probs, windows[b, :, :, part]) + windows[b, :, :, part]
+            )
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize(
+    "window_size, size",
+    [(7, (14, 14)), (7, (10, 17)), (14, (28, 28)), (14, (20, 33))],
+    ids=["dssa", "dssa-padded", "gsa", "gsa-padded"],
+)
+def test_separable_attention_matches_reference(window_size, size):
+    grid = (math.ceil(size[0] / window_size), math.ceil(size[1] / window_size))
+    module = randomize(SeparableWindowAttention(16, 2, window_size, grid))
+    x = torch.randn(2, *size, 16)
+    torch.testing.assert_close(module(x), reference_separable(module, x), **TOL)
+
+
+def test_global_attention_matches_reference():
+    module = randomize(GlobalSelfAttention(16, 4))
+    x = torch.randn(2, 5, 6, 16)
+    expected = torch.stack(
+        [reference_attention(t, module.qkv.weight, module.qkv.bias, 4) for t in x.reshape(2, 30, 16)]
+    )
+    expected = expected @ module.proj.weight.T + module.proj.bias
+    torch.testing.assert_close(module(x), expected.view(2, 5, 6, 16), **TOL)
+
+
+def test_block_matches_reference():
+    block = randomize(SepViTBlock(16, 2, window_size=7, grid_size=(2, 3)))
+    x = torch.randn(2, 10, 17, 16)
+    norm1 = F.layer_norm(x, (16,), block.norm1.weight, block.norm1.bias, eps=1e-6)
+    hidden = x + reference_separable(block.attn, norm1)
+    norm2 = F.layer_norm(hidden, (16,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+    mlp = (
+        F.gelu(norm2 @ block.mlp.fc1.weight.T + block.mlp.fc1.bias) @ block.mlp.fc2.weight.T
+        + block.mlp.fc2.bias
+    )
+    torch.testing.assert_close(block(x), hidden + mlp, **TOL)
+
+
+def test_padded_pixels_get_zero_attention_weight(monkeypatch):
+    """Every DSA call masks exactly the padded pixels; their softmax weight is exactly zero."""
+    module = randomize(SeparableWindowAttention(8, 2, 7, (2, 3)))
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q, k, attn_mask))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(swa.F, "scaled_dot_product_attention", recording_sdpa)
+    module(torch.randn(1, 10, 17, 8))
+    q, k, mask = calls[0]  # the DSA call; PSA attends among whole windows
+    assert mask is not None and mask.shape == (6, 1, 1, 50)
+    padded_pixels = 2 * 7 * 3 * 7 - 10 * 17
+    assert int((~mask).sum()) == padded_pixels
+    scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    assert torch.all(weights.masked_select(~mask) == 0)
+    assert torch.all(weights.masked_select(mask.expand_as(weights)) > 0)
+
+
+def test_real_pixels_do_not_see_padding_values():
+    """Real outputs are unchanged whatever the padded region holds (its values are zeroed for PSA)."""
+    module = randomize(SeparableWindowAttention(8, 2, 7, (2, 3)))
+    x = torch.randn(1, 14, 21, 8)
+    reference = module(x[:, :10, :17])
+    altered = x.clone()
+    altered[:, 10:, :] = 100.0
+    altered[:, :, 17:] = -100.0
+    windows = window_partition(altered, 7)
+    torch.testing.assert_close(window_reverse(windows, 7, 10, 17), x[:, :10, :17])
+    torch.testing.assert_close(module(x[:, :10, :17]), reference)
+
+
+@pytest.mark.parametrize("representation", ["avgpool", "dwconv"])
+def test_pooled_window_representations(representation):
+    module = randomize(SeparableWindowAttention(8, 2, 7, (2, 2), window_representation=representation))
+    assert module.window_tokens is None
+    x = torch.randn(1, 14, 14, 8)
+    z = swa.depthwise_self_attention(window_partition(x, 7).flatten(0, 1), module.qkv, 2).view(1, 4, 49, 8)
+    if representation == "avgpool":
+        expected = z.mean(dim=2)
+    else:
+        maps = z.view(4, 7, 7, 8).permute(0, 3, 1, 2)
+        expected = F.conv2d(maps, module.window_pool.weight, module.window_pool.bias, groups=8).flatten(1)[
+            None
+        ]
+    torch.testing.assert_close(module.pooled_representation(z, None), expected, **TOL)
+    assert module(x).shape == x.shape
+
+
+def test_zero_window_tokens_are_fixed():
+    module = SeparableWindowAttention(8, 2, 7, (2, 2), window_token="zero")
+    assert module.window_tokens is None
+    assert torch.count_nonzero(module.tokens_for_grid(3, (2, 2), torch.randn(1, 8))) == 0
+
+
+def test_window_tokens_resize_to_the_grid():
+    module = randomize(SeparableWindowAttention(8, 2, 7, (2, 2)))
+    same = module.tokens_for_grid(1, (2, 2), torch.randn(1, 8))
+    torch.testing.assert_close(same.view(1, 2, 2, 8), module.window_tokens)
+    bigger = module.tokens_for_grid(1, (4, 3), torch.randn(1, 8))
+    assert bigger.shape == (1, 12, 1, 8)
+    grid = bigger.view(4, 3, 8)
+    tokens = module.window_tokens[0]
+    # Bilinear resizing keeps the corner windows' tokens and stays inside the learned values.
+    torch.testing.assert_close(grid[0, 0], tokens[0, 0])
+    torch.testing.assert_close(grid[-1, -1], tokens[-1, -1])
+    assert torch.all(grid <= tokens.amax(dim=(0, 1)) + 1e-6) and torch.all(
+        grid >= tokens.amin(dim=(0, 1)) - 1e-6
+    )
