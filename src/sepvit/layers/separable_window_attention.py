@@ -95,7 +95,11 @@ class PointwiseSelfAttention(nn.Module):
         self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
 
     def forward(self, window_tokens: Tensor, windows: Tensor) -> Tensor:
-        """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> (B, N, P, C)."""
+        """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> (B, N, P, heads, C / heads).
+
+        The result is a view in head-major memory order, which saves a copy: the caller's window
+        reverse is the one copy back to channels-last.
+        """
         batch, num_windows, pixels, channels = windows.shape
         head_dim = channels // self.num_heads
         q, k = (
@@ -107,9 +111,8 @@ class PointwiseSelfAttention(nn.Module):
         v = windows.view(batch, num_windows, pixels, self.num_heads, head_dim).permute(0, 3, 1, 2, 4)
         v = v.reshape(batch, self.num_heads, num_windows, pixels * head_dim)
         # The scale is the DSA one (head_dim ** -0.5), which SDPA takes from the query width.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.view(batch, self.num_heads, num_windows, pixels, head_dim).permute(0, 2, 3, 1, 4)
-        return out.reshape(batch, num_windows, pixels, channels) + windows
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0) + v
+        return out.view(batch, self.num_heads, num_windows, pixels, head_dim).permute(0, 2, 3, 1, 4)
 
 
 class SeparableWindowAttention(nn.Module):
@@ -193,7 +196,6 @@ class SeparableWindowAttention(nn.Module):
         grid = grid_size(height, width, self.window_size)
         num_windows = grid[0] * grid[1]
         windows = window_partition(x, self.window_size)  # (B, N, P, C)
-        pixels = windows.shape[2]
         padded = grid[0] * self.window_size != height or grid[1] * self.window_size != width
         pixel_mask = window_padding_mask(height, width, self.window_size, x.device) if padded else None
 
@@ -214,6 +216,5 @@ class SeparableWindowAttention(nn.Module):
             window_tokens = self.pooled_representation(windows, pixel_mask)
         if pixel_mask is not None:  # padded pixels must add nothing to other windows in PSA
             windows = windows * pixel_mask[:, :, None]
-        z = self.psa(window_tokens, windows)
-        out = window_reverse(z.reshape(batch, num_windows, pixels, channels), self.window_size, height, width)
+        out = window_reverse(self.psa(window_tokens, windows), self.window_size, height, width)
         return self.proj_drop(self.proj(out))

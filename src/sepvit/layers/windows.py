@@ -30,11 +30,14 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
 
 
 def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -> Tensor:
-    """Inverse of :func:`window_partition`: (B, num_windows, window_size**2, C) -> (B, H, W, C)."""
-    batch, _, _, channels = windows.shape
+    """Inverse of :func:`window_partition`: (B, num_windows, window_size**2, *C) -> (B, H, W, prod(C)).
+
+    The channels may span several trailing dimensions (e.g. heads × head width of a head-major
+    view): they are merged in the one copy this makes.
+    """
     grid_h, grid_w = grid_size(height, width, window_size)
-    x = windows.view(batch, grid_h, grid_w, window_size, window_size, channels).transpose(2, 3)
-    x = x.reshape(batch, grid_h * window_size, grid_w * window_size, channels)
+    x = windows.unflatten(2, (window_size, window_size)).unflatten(1, (grid_h, grid_w)).transpose(2, 3)
+    x = x.reshape(windows.shape[0], grid_h * window_size, grid_w * window_size, -1)
     if grid_h * window_size != height or grid_w * window_size != width:
         x = x[:, :height, :width]
     return x
