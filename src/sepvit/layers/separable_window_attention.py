@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepvit.layers.windows import grid_size, window_padding_mask, window_partition, window_reverse
+from sepvit.layers.windows import (
+    grid_size,
+    shape_independent_graph,
+    window_padding_mask,
+    window_partition,
+    window_reverse,
+)
 
 WindowToken = Literal["learnable", "zero"]
 WindowRepresentation = Literal["token", "avgpool", "dwconv"]
@@ -57,6 +63,29 @@ def depthwise_self_attention(
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return merge_heads(out) + z
+
+
+def linear_resize_matrix(new_size: int, old_size: int, device: torch.device) -> Tensor:
+    """(new, old) weights of 1-D linear resizing, as ``F.interpolate(mode="linear", align_corners=False)``.
+
+    Built from ``arange`` and comparisons, so that an exported graph resizes at any size with plain
+    MatMul (ONNX Resize fails on sizes computed at run time).
+    """
+    position = ((torch.arange(new_size, device=device) + 0.5) * old_size / new_size - 0.5).clamp(min=0)
+    low = position.floor().clamp(max=old_size - 1)
+    high = (low + 1).clamp(max=old_size - 1)
+    weight_high = position - low
+    source = torch.arange(old_size, device=device)[None, :]
+    return (source == low[:, None]) * (1 - weight_high[:, None]) + (source == high[:, None]) * weight_high[
+        :, None
+    ]
+
+
+def resize_token_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Bilinear resizing of a token grid (B, rows, cols, C) to ``grid``, as position embeddings are."""
+    rows = linear_resize_matrix(grid[0], tokens.shape[1], tokens.device).to(tokens.dtype)
+    cols = linear_resize_matrix(grid[1], tokens.shape[2], tokens.device).to(tokens.dtype)
+    return torch.einsum("ih,bhwc,jw->bijc", rows, tokens, cols)
 
 
 class GlobalSelfAttention(nn.Module):
@@ -173,11 +202,8 @@ class SeparableWindowAttention(nn.Module):
         if self.window_tokens is None:
             return like.new_zeros(batch, grid[0] * grid[1], 1, like.shape[-1])
         tokens = self.window_tokens
-        if tuple(tokens.shape[1:3]) != grid:
-            tokens = F.interpolate(
-                tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False
-            )
-            tokens = tokens.permute(0, 2, 3, 1)
+        if shape_independent_graph() or tuple(tokens.shape[1:3]) != grid:
+            tokens = resize_token_grid(tokens, grid)
         return tokens.reshape(1, grid[0] * grid[1], 1, -1).expand(batch, -1, -1, -1).to(like.dtype)
 
     def pooled_representation(self, windows: Tensor, pixel_mask: Tensor | None) -> Tensor:
@@ -197,7 +223,9 @@ class SeparableWindowAttention(nn.Module):
         num_windows = grid[0] * grid[1]
         windows = window_partition(x, self.window_size)  # (B, N, P, C)
         padded = grid[0] * self.window_size != height or grid[1] * self.window_size != width
-        pixel_mask = window_padding_mask(height, width, self.window_size, x.device) if padded else None
+        pixel_mask = None
+        if shape_independent_graph() or padded:
+            pixel_mask = window_padding_mask(height, width, self.window_size, x.device)
 
         with_token = self.window_representation == "token"
         z = torch.cat((self.tokens_for_grid(batch, grid, x), windows), dim=2) if with_token else windows

@@ -4,6 +4,11 @@ of the window size.
 Windows are numbered row-major over the window grid, pixels row-major inside a window. Maps whose
 height or width is not a multiple of the window size are padded at the bottom and right; the padded
 pixels are marked in :func:`window_padding_mask` so that attention can ignore them.
+
+Eager and compiled code skip the padding and cropping steps when a map fits the windows exactly.
+While ``torch.export`` traces a model (ONNX export included) they always run, as no-ops where
+nothing needs padding, so that the exported graph holds for every input size, not only the traced
+one.
 """
 
 from __future__ import annotations
@@ -13,9 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def shape_independent_graph() -> bool:
+    """True while the graph must not depend on the input size: under ``torch.export``."""
+    return torch.compiler.is_exporting()
+
+
 def grid_size(height: int, width: int, window_size: int) -> tuple[int, int]:
     """Number of windows along each axis once the map is padded to a multiple of the window."""
-    return -(-height // window_size), -(-width // window_size)
+    # Non-negative operands only: an exported graph's integer division truncates, Python's floors.
+    return (height + window_size - 1) // window_size, (width + window_size - 1) // window_size
 
 
 def window_partition(x: Tensor, window_size: int) -> Tensor:
@@ -23,7 +34,7 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     batch, height, width, channels = x.shape
     grid_h, grid_w = grid_size(height, width, window_size)
     pad_h, pad_w = grid_h * window_size - height, grid_w * window_size - width
-    if pad_h or pad_w:
+    if shape_independent_graph() or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     x = x.view(batch, grid_h, window_size, grid_w, window_size, channels).transpose(2, 3)
     return x.reshape(batch, grid_h * grid_w, window_size * window_size, channels)
@@ -38,7 +49,7 @@ def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -
     grid_h, grid_w = grid_size(height, width, window_size)
     x = windows.unflatten(2, (window_size, window_size)).unflatten(1, (grid_h, grid_w)).transpose(2, 3)
     x = x.reshape(windows.shape[0], grid_h * window_size, grid_w * window_size, -1)
-    if grid_h * window_size != height or grid_w * window_size != width:
+    if shape_independent_graph() or grid_h * window_size != height or grid_w * window_size != width:
         x = x[:, :height, :width]
     return x
 
@@ -46,7 +57,6 @@ def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -
 def window_padding_mask(height: int, width: int, window_size: int, device: torch.device) -> Tensor:
     """Boolean (num_windows, window_size**2): True for real pixels, False for padding."""
     grid_h, grid_w = grid_size(height, width, window_size)
-    rows = torch.arange(grid_h * window_size, device=device) < height
-    cols = torch.arange(grid_w * window_size, device=device) < width
-    real = (rows[:, None] & cols[None, :])[None, :, :, None]
-    return window_partition(real, window_size)[0, :, :, 0]
+    rows = (torch.arange(grid_h * window_size, device=device) < height).view(grid_h, 1, window_size, 1)
+    cols = (torch.arange(grid_w * window_size, device=device) < width).view(1, grid_w, 1, window_size)
+    return (rows & cols).reshape(grid_h * grid_w, window_size * window_size)

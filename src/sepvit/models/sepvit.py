@@ -27,7 +27,6 @@ import re
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sepvit.layers import GlobalSelfAttention, SeparableWindowAttention, grid_size
-from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken
+from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
 
 __all__ = ["SepViT", "SepViTBlock", "checkpoint_filter_fn", "parse_block_plan"]
 
@@ -396,10 +395,7 @@ def resize_window_tokens(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         tokens = tokens.reshape(1, side, tokens.shape[1] // side, tokens.shape[-1])
     if tuple(tokens.shape[1:3]) == tuple(grid):
         return tokens
-    resized = F.interpolate(
-        tokens.permute(0, 3, 1, 2).float(), size=grid, mode="bilinear", align_corners=False
-    )
-    return resized.permute(0, 2, 3, 1).to(tokens.dtype)
+    return resize_token_grid(tokens.float(), tuple(grid)).to(tokens.dtype)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, object], model: SepViT) -> dict[str, Tensor]:
