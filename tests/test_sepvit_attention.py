@@ -229,3 +229,10 @@ def test_window_tokens_resize_to_the_grid():
     assert torch.all(grid <= tokens.amax(dim=(0, 1)) + 1e-6) and torch.all(
         grid >= tokens.amin(dim=(0, 1)) - 1e-6
     )
+
+
+@pytest.mark.parametrize("grid", [(4, 5), (16, 16), (3, 11), (1, 1), (25, 42)])
+def test_token_grid_resizing_is_bilinear_interpolation(grid):
+    tokens = torch.randn(1, 8, 8, 5)
+    expected = F.interpolate(tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(swa.resize_token_grid(tokens, grid), expected.permute(0, 2, 3, 1), **TOL)
