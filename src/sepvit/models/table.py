@@ -31,12 +31,16 @@ def print_table(pattern: str, image_size: int, repeats: int) -> int:
         from sepvit.cli import CliError
 
         raise CliError(f"no model matches {pattern!r}; models: {', '.join(list_models())}")
-    print(f"{'model':<24}{'params (M)':>12}{'GMACs':>10}{'CPU ms (bs 1)':>16}   at {image_size}x{image_size}")
+    header = f"{'model':<24}{'params (M)':>12}{'GMACs':>10}{'CPU ms (bs 1)':>16}"
+    print(f"{header}   at {image_size}x{image_size}")
     for name in names:
         model = create_model(name).eval()
         macs = count_macs(model, (3, image_size, image_size))
         milliseconds = forward_milliseconds(model, image_size, repeats)
-        print(f"{name:<24}{count_params(model) / 1e6:>12.2f}{macs / 1e9:>10.3f}{milliseconds:>16.1f}", flush=True)
+        print(
+            f"{name:<24}{count_params(model) / 1e6:>12.2f}{macs / 1e9:>10.3f}{milliseconds:>16.1f}",
+            flush=True,
+        )
     print(f"(torch {torch.__version__}, {torch.get_num_threads()} threads; GMACs = FLOP counter total / 2)")
     return 0
 
@@ -48,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build every model of this package (random weights) and print its parameters, "
         "GMACs (multiply-accumulates, attention included) and median batch-1 CPU forward time.",
     )
-    parser.add_argument("pattern", nargs="?", default="", help="wildcard filter, e.g. 'sepvit_*' (default: all)")
+    parser.add_argument(
+        "pattern", nargs="?", default="", help="wildcard filter, e.g. 'sepvit_*' (default: all)"
+    )
     parser.add_argument("--image-size", type=int, default=224, help="square input size (default: 224)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model (default: 5)")
     parser.set_defaults(func=lambda args: print_table(args.pattern, args.image_size, args.repeats))

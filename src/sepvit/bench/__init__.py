@@ -1,0 +1,18 @@
+"""Side-by-side benchmarks: params, GMACs, throughput, latency, memory and achieved FLOP rate."""
+
+from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, Subject, run_benchmark
+from sepvit.bench.models import UnknownModelError, create_model, resolve_model_names
+from sepvit.bench.presets import PAPER_TOP1, PRESETS
+
+__all__ = [
+    "PAPER_TOP1",
+    "PRESETS",
+    "BenchResult",
+    "BenchRun",
+    "BenchSettings",
+    "Subject",
+    "UnknownModelError",
+    "create_model",
+    "resolve_model_names",
+    "run_benchmark",
+]

@@ -1,0 +1,331 @@
+"""ONNX export with verification: ``torch.export`` → ONNX, ``onnx.checker``, ONNX Runtime vs PyTorch.
+
+The batch axis is always dynamic. Height and width are dynamic on request (``dynamic_size=True``):
+the graph is traced with symbolic sizes, but a model whose graph depends on the input size (window
+grids and padding decided per size, fixed position tables) gives a graph that is only right at the
+traced size; the ONNX Runtime comparison at a second resolution catches that, and such a model is
+exported once per working size instead. Failures are re-raised as :class:`ExportError` naming the
+operator and the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+import traceback
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+# Operators every ONNX runtime implements: dense algebra, elementwise math, normalisation, shape
+# bookkeeping. Deliberately absent: gathers/scatters with index tensors (GatherND, ScatterND,
+# GatherElements, ...), data-dependent control flow (If, Loop, NonZero), and anything outside the
+# default domain.
+UNIVERSAL_OPERATORS = frozenset(
+    {
+        # dense algebra and convolutions
+        "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum",
+        # elementwise
+        "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Floor", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf",
+        "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Min", "Max",
+        "Where", "Equal", "Less", "Greater", "Not", "And", "IsNaN", "Cast",
+        # normalisation, pooling, activations over an axis
+        "Softmax", "LayerNormalization", "BatchNormalization", "InstanceNormalization",
+        "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool",
+        "AveragePool", "MaxPool", "Resize",
+        # layout and shape bookkeeping
+        "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Pad",
+        "Expand", "Tile", "Shape", "Constant", "ConstantOfShape", "Identity", "Range",
+        # Gathers the census names apart from data gathers: dimensions out of a Shape, and one
+        # slice at a constant scalar index (``x[:, 0]``)
+        "Gather(shape)", "Gather(select)",
+    }
+)  # fmt: skip
+
+
+class ExportError(RuntimeError):
+    """An export that failed, with the model, the stage and the operator or module responsible."""
+
+
+class ExportMismatchError(ExportError):
+    """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An ONNX file written by :func:`export_onnx` and what is known about its graph."""
+
+    path: Path
+    input_name: str
+    input_shape: tuple[int | str, ...]  # ints for fixed axes, names for dynamic ones
+    fp16: bool
+    opset: int
+
+    @property
+    def dynamic_size(self) -> bool:
+        return all(isinstance(dim, str) for dim in self.input_shape[2:])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """ONNX Runtime against PyTorch on one input shape."""
+
+    input_shape: tuple[int, ...]
+    max_abs_diff: float
+    max_abs_reference: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class OperatorCensus:
+    """Operator types of a graph (functions and subgraphs included) and those outside an allow-list."""
+
+    counts: Counter = field(default_factory=Counter)
+    allowed: frozenset[str] = UNIVERSAL_OPERATORS
+
+    @property
+    def unexpected(self) -> dict[str, int]:
+        return {op: n for op, n in sorted(self.counts.items()) if op not in self.allowed}
+
+
+def prepare_deploy(model: nn.Module) -> nn.Module:
+    """Deploy (fused) copy of ``model``: its own ``fuse()`` when it has one, else
+    :func:`sepvit.utils.reparameterize` (Conv+BN folding, children's ``fuse()``); ``model`` is kept."""
+    from sepvit.utils import reparameterize
+
+    if hasattr(model, "fuse"):
+        return copy.deepcopy(model).eval().fuse()
+    return reparameterize(model)
+
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+def _user_frame(error: BaseException) -> str:
+    """The innermost traceback frame outside torch and the standard library, as ``file:line in fn``."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if "/torch/" not in frame.filename
+        and "/lib/python" not in frame.filename.replace("site-packages", "")
+    ]
+    # torch.export reports the user's code in the message ("from user code: File ..., line ...").
+    matches = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', str(error))
+    if matches:
+        filename, line, function = matches[-1]
+        return f"{Path(filename).name}:{line} in {function}"
+    if frames:
+        return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}"
+    return "unknown location"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _failing_node(program: torch.export.ExportedProgram, error: BaseException) -> str:
+    """Name the operator (and the module that called it) that the ONNX translation stopped at."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    text = "\n".join(messages)
+    match = re.search(r"target=([\w.:]+)", text) or re.search(r"OpOverload\(op='([\w.]+)'", text)
+    if match is None:
+        return "an operator the exporter could not name"
+    target = match.group(1).removeprefix("torch.ops.")
+    for node in program.graph.nodes:
+        if node.op == "call_function" and str(node.target).removeprefix("torch.ops.").startswith(target):
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if stack:
+                path, module_type = stack[-1]
+                module_class = module_type if isinstance(module_type, str) else module_type.__name__
+                path = re.sub(r"L\['self'\]\.?|L__self__\.?", "", str(path)) or "<model>"
+                return f"operator {target} in module {path} ({module_class.rsplit('.', 1)[-1]})"
+    return f"operator {target}"
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: tuple[int, int, int] = (3, 224, 224),
+    *,
+    dynamic_size: bool = False,
+    fp16: bool = False,
+    opset: int = 18,
+    example_batch: int = 2,
+    name: str | None = None,
+) -> ExportedModel:
+    """Export ``model`` (eval mode) to ONNX at ``path`` and run ``onnx.checker`` on the result.
+
+    The batch axis is dynamic (traced with ``example_batch`` > 1 so it is not specialised); height
+    and width too when ``dynamic_size``. ``fp16`` exports a half-precision copy. The file is written
+    atomically. Raises :class:`ExportError` naming the failing operator or module.
+    """
+    import onnx
+    from torch.export import Dim
+
+    name = name or type(model).__name__
+    path = Path(path)
+    model = copy.deepcopy(model).eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    model = model.to(dtype)
+    example = torch.randn(example_batch, *input_shape, dtype=dtype)
+    axes = {0: Dim("batch", min=1, max=4096)}
+    if dynamic_size:
+        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=(axes,), strict=False)
+    except Exception as error:
+        raise ExportError(
+            f"{name}: torch.export failed at {_user_frame(error)}: {_first_line(error)}"
+        ) from error
+    try:
+        onnx_program = torch.onnx.export(
+            program, (example,), dynamo=True, opset_version=opset, input_names=["input"],
+            output_names=["output"], verbose=False, optimize=True,
+        )  # fmt: skip
+    except Exception as error:
+        raise ExportError(
+            f"{name}: ONNX translation failed on {_failing_node(program, error)}: {_first_line(error)}"
+        ) from error
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        onnx_program.save(tmp_name, external_data=False)
+        onnx.checker.check_model(tmp_name, full_check=True)
+        os.replace(tmp_name, path)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"{name}: onnx.checker rejected the graph: {_first_line(error)}") from error
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    graph_input = onnx.load(path, load_external_data=False).graph.input[0]
+    shape = tuple(
+        dim.dim_param or dim.dim_value for dim in graph_input.type.tensor_type.shape.dim
+    )  # fmt: skip
+    return ExportedModel(path, graph_input.name, shape, fp16, opset)
+
+
+def onnxruntime_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime session on the CPU, or with the CUDA provider first for ``device="cuda"``."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ExportError("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def default_tolerance(fp16: bool) -> float:
+    """Absolute tolerance on outputs, scaled by ``max(1, max |reference|)`` in :func:`compare_outputs`."""
+    return 2e-2 if fp16 else 1e-4
+
+
+@torch.no_grad()
+def compare_outputs(
+    model: nn.Module,
+    exported: ExportedModel,
+    input_shapes: Sequence[tuple[int, ...]],
+    tolerance: float | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[Comparison]:
+    """Run ONNX Runtime and the fp32 PyTorch model on the same random inputs; one result per shape.
+
+    Raises :class:`ExportMismatchError` when a difference exceeds ``tolerance × max(1, max |ref|)``
+    and :class:`ExportError` when ONNX Runtime cannot run a shape.
+    """
+    session = onnxruntime_session(exported.path, device)
+    tolerance = default_tolerance(exported.fp16) if tolerance is None else tolerance
+    model = model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for shape in input_shapes:
+        inputs = torch.randn(*shape, generator=generator)
+        reference = model(inputs).float().numpy()
+        feed = inputs.numpy().astype(np.float16 if exported.fp16 else np.float32)
+        try:
+            output = session.run(None, {exported.input_name: feed})[0].astype(np.float32)
+        except Exception as error:
+            raise ExportError(
+                f"ONNX Runtime failed on input {tuple(shape)} of {exported.path.name} "
+                f"(graph input {exported.input_shape}): {_first_line(error)}"
+            ) from error
+        if output.shape != reference.shape:
+            raise ExportMismatchError(
+                f"input {tuple(shape)}: ONNX output {output.shape} vs {reference.shape}"
+            )
+        scale = max(1.0, float(np.abs(reference).max()))
+        results.append(
+            Comparison(tuple(shape), float(np.abs(output - reference).max()), scale, tolerance * scale)
+        )
+    failed = [result for result in results if not result.passed]
+    if failed:
+        worst = max(failed, key=lambda result: result.max_abs_diff)
+        raise ExportMismatchError(
+            f"ONNX Runtime differs from PyTorch on input {worst.input_shape}: max abs difference "
+            f"{worst.max_abs_diff:.3g} > tolerance {worst.tolerance:.3g}"
+        )
+    return results
+
+
+def operator_census(path: str | os.PathLike, allowed: frozenset[str] = UNIVERSAL_OPERATORS) -> OperatorCensus:
+    """Count operator types over the graph, its subgraphs and local functions.
+
+    Non-default domains are prefixed (``com.microsoft::FusedMatMul``) so they never pass the
+    allow-list by accident. A Gather that picks dimensions out of a ``Shape`` is counted as
+    ``Gather(shape)`` and one that takes a single slice at a constant scalar index as
+    ``Gather(select)``, apart from gathers with index tensors (lookup tables, index tricks).
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    counts: Counter = Counter()
+    scalar_constants = {tensor.name for tensor in proto.graph.initializer if not tensor.dims}
+
+    def visit(nodes) -> None:
+        shape_outputs = {output for node in nodes if node.op_type == "Shape" for output in node.output}
+        scalars = scalar_constants | {
+            node.output[0]
+            for node in nodes
+            if node.op_type == "Constant" and node.attribute and not node.attribute[0].t.dims
+            and node.attribute[0].name == "value"
+        }  # fmt: skip
+        for node in nodes:
+            domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+            op_type = node.op_type
+            if op_type == "Gather" and not domain and node.input[0] in shape_outputs:
+                op_type = "Gather(shape)"
+            elif op_type == "Gather" and not domain and node.input[1] in scalars:
+                op_type = "Gather(select)"
+            counts[f"{domain}::{op_type}" if domain else op_type] += 1
+            for attribute in node.attribute:
+                if attribute.g.node:
+                    visit(attribute.g.node)
+                for graph in attribute.graphs:
+                    visit(graph.node)
+
+    visit(proto.graph.node)
+    for function in proto.functions:
+        visit(function.node)
+    return OperatorCensus(counts, allowed)

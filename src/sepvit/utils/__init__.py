@@ -1,0 +1,6 @@
+"""Measurement helpers shared by tests, benchmarks and the command line."""
+
+from sepvit.utils.flops import count_macs, count_params
+from sepvit.utils.reparameterize import reparameterize
+
+__all__ = ["count_macs", "count_params", "reparameterize"]
