@@ -1,0 +1,253 @@
+"""Bad input gets a clear error naming the problem, and nothing already written is lost."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sepvit.cli import CliError, main
+from sepvit.train import checkpoint as ckpt
+from sepvit.train.config import resolve_train_config
+from sepvit.train.data import ImageDecodeError, TransformedImages, load_image_sets, scan_image_folder
+from sepvit.train.distributed import DistContext
+from sepvit.train.runner import Trainer, TrainingError
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"))
+TINY = dict(
+    model="test_vit",
+    img_size=32,
+    batch_size=16,
+    epochs=3,
+    limit_train=32,
+    limit_val=16,
+    aa="none",
+    mixup=0.0,
+    cutmix=0.0,
+    tensorboard=False,
+    log_interval=100,
+)
+
+
+def _config(tmp_path: Path, **overrides) -> dict:
+    return resolve_train_config(
+        argparse.Namespace(**{**TINY, "output": str(tmp_path), "experiment": "run", **overrides})
+    )
+
+
+def _image(path: Path, value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(path)
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere"
+    err = _error(["train", "--data", str(missing), "--output", str(tmp_path)], capsys)
+    assert err.startswith("sepvit train: error: ") and f"data folder {missing} does not exist" in err
+
+
+def test_folder_without_train_or_val(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    with pytest.raises(CliError, match="has no train/ folder"):
+        load_image_sets(str(tmp_path / "data"), 32)
+    _image(tmp_path / "data" / "train" / "a" / "0.png")
+    with pytest.raises(CliError, match="has no val/ folder"):
+        load_image_sets(str(tmp_path / "data"), 32)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    _image(tmp_path / "train" / "cat" / "0.png")
+    (tmp_path / "train" / "dog").mkdir()
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(CliError, match=r"class folder .*train/dog has no image files"):
+        scan_image_folder(tmp_path / "train")
+
+
+def test_unreadable_class_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _image(tmp_path / "train" / "cat" / "0.png")
+    _image(tmp_path / "train" / "dog" / "0.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # tests run as root, which reads any folder: refuse like a chmod 000 folder would
+        if str(path).endswith("dog"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CliError, match=r"cannot read class folder .*train/dog: Permission denied"):
+        scan_image_folder(tmp_path / "train")
+
+
+@pytest.mark.slow
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            for index in range(16):
+                _image(tmp_path / split / name / f"{index}.png", value=40 if name == "a" else 200)
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (tmp_path / "train" / "b" / "empty.png").write_bytes(b"")
+    train = scan_image_folder(tmp_path / "train")
+    assert len(train.items) == 32
+    assert sorted(Path(path).name for path, _ in train.skipped) == ["broken.jpg", "empty.png"]
+    # the same data trains; the skipped files are reported by name
+    assert (
+        main(
+            [
+                "train",
+                *_argv(TINY),
+                "--data",
+                str(tmp_path),
+                "--epochs",
+                "1",
+                "--output",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "train: 32 images, 2 classes; skipped 2 unreadable file(s)" in out and "broken.jpg" in out
+
+
+def test_class_folder_with_only_corrupt_images(tmp_path: Path) -> None:
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(b"garbage")
+    with pytest.raises(CliError, match=r"train/cat has no readable images"):
+        scan_image_folder(tmp_path / "train")
+
+
+def test_image_that_fails_to_decode_later_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "train" / "a" / "truncated.jpg"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-800])  # the header still verifies, the pixels do not decode
+    image_set = scan_image_folder(tmp_path / "train")
+    with pytest.raises(ImageDecodeError, match=f"cannot decode image {path}"):
+        TransformedImages(image_set, lambda image: image)[0]
+
+
+def _argv(options: dict) -> list[str]:
+    return [
+        item
+        for key, value in options.items()
+        if key != "tensorboard"
+        for item in (f"--{key.replace('_', '-')}", str(value))
+    ] + ["--no-tensorboard"]
+
+
+def _trained(tmp_path: Path) -> Path:
+    Trainer(_config(tmp_path, epochs=1), CPU).run()
+    return tmp_path / "run" / "best.safetensors"
+
+
+@pytest.mark.slow
+def test_foreign_and_ill_fitting_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    best = _trained(tmp_path)
+    not_safetensors = tmp_path / "notes.safetensors"
+    not_safetensors.write_text("hello")
+    assert "is not a readable safetensors file" in _error(["eval", str(not_safetensors)], capsys)
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.zeros(3)}, plain)
+    assert "was not written by sepvit train" in _error(["eval", str(plain)], capsys)
+    err = _error(
+        ["eval", str(plain), "--model", "test_vit", "--num-classes", "10", "--data", "digits"], capsys
+    )
+    assert "does not fit the model" in err and "missing" in err and "unexpected 1: weight" in err
+
+    err = _error(
+        [
+            "predict",
+            str(best),
+            str(tmp_path / "x.png"),
+            "--model",
+            "test_vit",
+            "--num-classes",
+            "4",
+            "--img-size",
+            "32",
+        ],
+        capsys,
+    )
+    assert (
+        "mismatched 2: head.bias (checkpoint 10, model 4), head.weight (checkpoint 10×64, model 4×64)" in err
+    )
+
+    err = _error(
+        [
+            "train",
+            *_argv(TINY),
+            "--model",
+            "sepvit_lite",
+            "--finetune",
+            str(best),
+            "--output",
+            str(tmp_path / "ft"),
+        ],
+        capsys,
+    )
+    assert "does not fit model" in err and "missing 1" in err and "unexpected " in err
+    assert "norm.weight (checkpoint 64, model 256)" in err
+
+    assert "checkpoint " + str(tmp_path / "gone.safetensors") + " does not exist" in _error(
+        ["eval", str(tmp_path / "gone.safetensors")], capsys
+    )
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    def poison(trainer: Trainer) -> None:  # after epoch 1, corrupt a weight: the next loss is NaN
+        if trainer.epoch == 1 and trainer.step_in_epoch == 1:
+            with torch.no_grad():
+                trainer.model.head.weight.fill_(float("nan"))
+
+    trainer = Trainer(_config(tmp_path), CPU, step_hook=poison)
+    last = tmp_path / "run" / "last.safetensors"
+    expected = (
+        rf"loss became NaN .* epoch 2, step 2 .* last good checkpoint is {re.escape(str(last))} \(epoch 1\)"
+    )
+    with pytest.raises(TrainingError, match=expected):
+        trainer.run()
+    weights, info = ckpt.read_checkpoint_info(last)
+    assert info["epoch"] == 1 and info["step_in_epoch"] == 0
+    assert all(torch.isfinite(value).all() for value in weights.values())
+
+
+@pytest.mark.slow
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = ckpt.save_file
+    calls = {"count": 0}
+
+    def save_file_on_a_full_disk(tensors, path, metadata=None):
+        calls["count"] += 1
+        if calls["count"] > 2:  # epoch 1 writes last and best; epoch 2's first write fails
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file_on_a_full_disk)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="No space left on device; the previous files are kept"):
+        Trainer(_config(tmp_path), CPU).run()
+    assert ckpt.read_checkpoint_info(run_dir / "last.safetensors")[1]["epoch"] == 1
+    assert ckpt.load_training_state(run_dir / "last.state.pt")["epoch"] == 1
+    assert not list(run_dir.glob(".*.tmp"))
+    # and the run continues from there
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    Trainer(_config(tmp_path, resume=str(run_dir)), CPU).run()
+    assert ckpt.read_checkpoint_info(run_dir / "last.safetensors")[1]["epoch"] == 3
