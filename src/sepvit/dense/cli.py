@@ -246,7 +246,7 @@ def _context(device: str):
     return init_distributed(device)
 
 
-def _load_backbone(body, args: argparse.Namespace, img_size) -> None:
+def _load_backbone(body, args: argparse.Namespace, img_size, context) -> None:
     if args.pretrained_backbone is None:
         return
     from sepvit.dense.backbone import CheckpointMismatchError, load_classification_checkpoint
@@ -255,7 +255,18 @@ def _load_backbone(body, args: argparse.Namespace, img_size) -> None:
         report = load_classification_checkpoint(body, args.model, args.pretrained_backbone, img_size=img_size)
     except CheckpointMismatchError as error:
         raise CliError(str(error)) from error
-    print(f"backbone from {args.pretrained_backbone}: {report.summary()}", flush=True)
+    if context.is_main:
+        print(f"backbone from {args.pretrained_backbone}: {report.summary()}", flush=True)
+
+
+def _seed_process(args: argparse.Namespace, context) -> None:
+    """Called once the model is built: DDP copies rank 0's weights to every process, and from here
+    on each process draws its own augmentation and drop-path noise (rank 0 keeps the single-process
+    stream)."""
+    if context.rank > 0:
+        import torch
+
+        torch.manual_seed(args.seed + context.rank)
 
 
 def _train_loader(dataset, args: argparse.Namespace, context, collate):
@@ -263,7 +274,8 @@ def _train_loader(dataset, args: argparse.Namespace, context, collate):
     from torch.utils.data import DataLoader, DistributedSampler
 
     sampler = DistributedSampler(dataset, seed=args.seed) if context.distributed else None
-    generator = torch.Generator().manual_seed(args.seed)
+    # Seeds the shuffling of one process and the loader workers' augmentation (own noise per process).
+    generator = torch.Generator().manual_seed(args.seed + context.rank)
     return DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -400,7 +412,8 @@ def _detect_train(args: argparse.Namespace) -> int:
         "rois_per_image": args.rois_per_image,
     }
     model = build_detection_model(config, args.drop_path)
-    _load_backbone(model.backbone.body, args, config["img_size"])
+    _load_backbone(model.backbone.body, args, config["img_size"], context)
+    _seed_process(args, context)
     recipe = Recipe(
         epochs=args.epochs,
         lr=args.lr,
@@ -525,7 +538,8 @@ def _segment_train(args: argparse.Namespace) -> int:
         "head_channels": args.head_channels,
     }
     model = build_segmentation_model(config, args.drop_path)
-    _load_backbone(model.body, args, config["img_size"])
+    _load_backbone(model.body, args, config["img_size"], context)
+    _seed_process(args, context)
     recipe = Recipe(
         epochs=args.epochs,
         lr=args.lr,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sepvit.train.checkpoint import write_atomically
-from sepvit.train.distributed import DistContext, barrier
+from sepvit.train.distributed import DistContext, all_reduce, barrier
 from sepvit.train.reporting import Progress
 
 
@@ -235,15 +235,21 @@ class Trainer:
         totals: dict[str, float] = {}
         steps = len(self.train_loader)
         progress = Progress(epoch + 1, self.recipe.epochs, steps, 0, self.log_every, self.context.is_main)
+        world_size = self.context.world_size
         for step, batch in enumerate(self.train_loader):
             losses = self.compute_losses(self.network, batch, self.context.device)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); "
-                    f"the last good checkpoint is kept in {self.output_dir}"
+            # Every process must stop at the same step, or the others would wait in the next all-reduce.
+            finite = bool(torch.isfinite(loss))
+            if all_reduce([0.0 if finite else 1.0], self.context, op="max")[0]:
+                where = f"at epoch {epoch + 1}, step {step + 1}"
+                cause = (
+                    f"another process's loss is not finite {where}"
+                    if finite
+                    else f"loss is {loss.item()} {where} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())})"
                 )
+                raise TrainingError(f"{cause}; the last good checkpoint is kept in {self.output_dir}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.recipe.clip_grad:
@@ -253,9 +259,13 @@ class Trainer:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.item()
             totals["loss"] = totals.get("loss", 0.0) + loss.item()
-            progress.update(len(batch[0]), totals["loss"] / (step + 1), self.scheduler.get_last_lr()[0])
+            progress.update(
+                len(batch[0]) * world_size, totals["loss"] / (step + 1), self.scheduler.get_last_lr()[0]
+            )
         progress.close()
-        return {f"train_{k}": v / max(1, len(self.train_loader)) for k, v in totals.items()}
+        # The logged losses are means over all processes' batches.
+        summed = all_reduce(list(totals.values()), self.context)
+        return {f"train_{k}": v / max(1, steps * world_size) for k, v in zip(totals, summed)}
 
     def fit(self) -> dict[str, float]:
         """Train the remaining epochs; returns the last evaluation's metrics."""
