@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sepvit.bench.models import create_model, default_input_size
+from sepvit.utils import keep_freed_memory
 
 PROFILE_ITERS = 2  # forwards per profiling session
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the sepvit command does (SEPVIT_KEEP_FREED_MEMORY=0 turns it off)
     models = {name: create_model(name) for name in args.models}
     for model in models.values():
         label_modules(model)

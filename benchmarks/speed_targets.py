@@ -24,6 +24,7 @@ from sepvit.bench.blocks import table1_subjects
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, run_benchmark
 from sepvit.bench.models import model_subjects
 from sepvit.bench.report import format_table, write_outputs, write_text_atomic
+from sepvit.utils import keep_freed_memory
 
 SEPVIT, SWIN, VIT_PYTORCH = "sepvit_tiny", "swin_tiny_patch4_window7_224", "vitpytorch_sepvit_tiny"
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/speed_targets"))
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the sepvit command does (SEPVIT_KEEP_FREED_MEMORY=0 turns it off)
     gpu = args.device.startswith("cuda")
     command = "python benchmarks/speed_targets.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = BenchSettings(

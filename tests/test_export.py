@@ -84,6 +84,20 @@ def test_sepvit_lite_operator_census_is_universal(sepvit_lite_onnx):
 
 
 @pytest.mark.slow
+def test_fixed_size_export_drops_padding_and_masks(sepvit_lite_onnx, tmp_path):
+    """At one size whose maps fit the windows, the graph has no padding, masking or token resizing."""
+    model, dynamic = sepvit_lite_onnx
+    fixed = export_onnx(model, tmp_path / "fixed.onnx", (3, 224, 224), name="sepvit_lite")
+    assert fixed.input_shape[1:] == (3, 224, 224) and isinstance(fixed.input_shape[0], str)
+    results = compare_outputs(model, fixed, [(1, 3, 224, 224), (2, 3, 224, 224)])
+    assert all(r.max_abs_diff < 1e-4 for r in results)
+    lean, general = operator_census(fixed.path).counts, operator_census(dynamic.path).counts
+    assert general["Where"] > 0 and general["Pad"] > 0
+    assert lean["Where"] == 0 and lean["Pad"] == 0
+    assert sum(lean.values()) < sum(general.values())
+
+
+@pytest.mark.slow
 def test_export_through_cli_writes_a_report(tmp_path, capsys):
     report_path = tmp_path / "report.json"
     status = run_cli(

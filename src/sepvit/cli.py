@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sepvit.utils.memory import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every command runs large tensors; see sepvit.utils.memory
     try:
         return int(args.func(args) or 0)
     except CliError as error:

@@ -50,6 +50,8 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     import timm
     import torch
 
+    from sepvit.utils.memory import freed_memory_kept
+
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as cpuinfo:
@@ -63,6 +65,7 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
         "timm": timm.__version__,
         "python": platform.python_version(),
         "os": platform.platform(),
+        "malloc": "freed memory kept (mallopt)" if freed_memory_kept() else "glibc defaults",
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         description["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -10,6 +10,7 @@ operator and the module.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from sepvit.layers.windows import fixed_input_size
 
 # Operators every ONNX runtime implements: dense algebra, elementwise math, normalisation, shape
 # bookkeeping. Deliberately absent: gathers/scatters with index tensors (GatherND, ScatterND,
@@ -186,8 +189,12 @@ def export_onnx(
     axes = {0: Dim("batch", min=1, max=4096)}
     if dynamic_size:
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    # A fixed-size export lets size-dependent code (window padding and masks) drop what that size
+    # does not need.
+    size_scope = contextlib.nullcontext() if dynamic_size else fixed_input_size()
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=(axes,), strict=False)
+        with size_scope:
+            program = torch.export.export(model, (example,), dynamic_shapes=(axes,), strict=False)
     except Exception as error:
         raise ExportError(
             f"{name}: torch.export failed at {_user_frame(error)}: {_first_line(error)}"

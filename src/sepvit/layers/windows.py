@@ -8,19 +8,37 @@ pixels are marked in :func:`window_padding_mask` so that attention can ignore th
 Eager and compiled code skip the padding and cropping steps when a map fits the windows exactly.
 While ``torch.export`` traces a model (ONNX export included) they always run, as no-ops where
 nothing needs padding, so that the exported graph holds for every input size, not only the traced
-one.
+one; an export for one fixed input size says so with :func:`fixed_input_size` and gets the lean
+graph of that size.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_FIXED_INPUT_SIZE = contextvars.ContextVar("sepvit_fixed_input_size", default=False)
+
+
+@contextlib.contextmanager
+def fixed_input_size() -> Iterator[None]:
+    """Graphs traced inside this block serve only the traced height and width."""
+    token = _FIXED_INPUT_SIZE.set(True)
+    try:
+        yield
+    finally:
+        _FIXED_INPUT_SIZE.reset(token)
+
 
 def shape_independent_graph() -> bool:
-    """True while the graph must not depend on the input size: under ``torch.export``."""
-    return torch.compiler.is_exporting()
+    """True while the graph must not depend on the input size: under ``torch.export``, unless the
+    export is for one input size (:func:`fixed_input_size`)."""
+    return torch.compiler.is_exporting() and not _FIXED_INPUT_SIZE.get()
 
 
 def grid_size(height: int, width: int, window_size: int) -> tuple[int, int]:
