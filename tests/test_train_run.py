@@ -42,6 +42,9 @@ def test_digits_run_learns_and_writes_its_outputs(digits_run: Path, capsys: pyte
     for name in ("config.yaml", "last.safetensors", "last.state.pt", "loss.png", "accuracy.png"):
         assert (digits_run / name).stat().st_size > 0, name
     assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
+    # EMA is on by default: its weights after the last epoch are kept beside the model's.
+    _, ema_info = read_checkpoint_info(digits_run / "last_ema.safetensors")
+    assert ema_info["epoch"] == 3 and ema_info["top1"] == pytest.approx(float(rows[-1]["ema_val_top1"]))
 
 
 def test_eval_reproduces_the_run_accuracy(

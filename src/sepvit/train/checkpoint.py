@@ -2,7 +2,8 @@
 
 A run folder holds ``last.safetensors`` (the model's weights after the latest epoch, or at the step
 where the run was interrupted), ``last.state.pt`` (optimizer, scheduler, EMA weights, gradient
-scaler, RNG states, position in the run, metrics so far; loaded with ``weights_only=True``) and
+scaler, RNG states, position in the run, metrics so far; loaded with ``weights_only=True``),
+``last_ema.safetensors`` (the EMA weights at the same point, when EMA is on) and
 ``best.safetensors`` (the weights, model's or EMA's, with the best validation top-1). Every file is
 written to a temporary file in the same folder and then renamed over the old one, so a failed write
 (a full disk, a kill) leaves the previous checkpoint intact.
@@ -25,7 +26,7 @@ from torch import nn
 from sepvit.cli import CliError
 
 FORMAT = "sepvit-train/1"
-LAST, BEST = "last", "best"
+LAST, LAST_EMA, BEST = "last", "last_ema", "best"
 MAX_LISTED_KEYS = 8
 
 

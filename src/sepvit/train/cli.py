@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train SepViT-Lite on the bundled digits, evaluate it, show where results are",
         formatter_class=_formatter,
         description=f"`sepvit train --preset {DEMO_PRESET}` followed by `sepvit eval` of the final "
-        f"checkpoint on the digits test split. Preset: {PRESETS[DEMO_PRESET]}. "
+        f"weights (EMA's when EMA is on) on the digits test split. Preset: {PRESETS[DEMO_PRESET]}. "
         "Every train option can override it.",
         epilog=TRAIN_EPILOG,
     )
@@ -129,7 +129,7 @@ def _run_training(config: dict[str, Any]) -> tuple[int, Any]:
         signum = getattr(signal, result.interrupted_by, None)
         return (128 + int(signum) if signum is not None else 1), result
     if context.is_main and result.best:
-        from sepvit.train.checkpoint import BEST, LAST, weights_path
+        from sepvit.train.checkpoint import BEST, LAST, LAST_EMA, weights_path
 
         last = result.history[-1]
         print(
@@ -140,6 +140,11 @@ def _run_training(config: dict[str, Any]) -> tuple[int, Any]:
             f"last checkpoint: {weights_path(result.run_dir, LAST)} (top-1 {last['val_top1']:.2f}%, "
             f"epoch {last['epoch']})"
         )
+        if last["ema_val_top1"] is not None:
+            print(
+                f"last EMA checkpoint: {weights_path(result.run_dir, LAST_EMA)} "
+                f"(top-1 {last['ema_val_top1']:.2f}%, epoch {last['epoch']})"
+            )
         print(
             f"metrics: {result.run_dir / 'metrics.csv'}; plots: {', '.join(str(p) for p in result.plots)}",
             flush=True,
@@ -152,7 +157,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from sepvit.train.checkpoint import LAST, weights_path
+    from sepvit.train.checkpoint import LAST, LAST_EMA, weights_path
     from sepvit.train.inference import run_eval
 
     start = time.perf_counter()
@@ -160,9 +165,9 @@ def demo_command(args: argparse.Namespace) -> int:
     code, result = _run_training(config)
     if code != 0 or result is None or int(os.environ.get("RANK", "0")) != 0:
         return code
-    # The final weights, not the best epoch: digits has no validation split apart from the test
-    # split, so picking the best epoch would select on the test images.
-    final = weights_path(result.run_dir, LAST)
+    # The final weights (EMA's when EMA is on), not the best epoch: digits has no validation split
+    # apart from the test split, so picking the best epoch would select on the test images.
+    final = weights_path(result.run_dir, LAST_EMA if config["model_ema"] else LAST)
     metrics = run_eval(
         str(final),
         config["data"],

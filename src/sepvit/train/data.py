@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sepvit.cli import CliError
@@ -239,7 +239,7 @@ def build_transforms(config: dict[str, Any], data_config: dict[str, Any], traini
     if not training:
         return create_transform(**common, crop_pct=data_config["crop_pct"])
     aa = config["aa"]
-    return create_transform(
+    transform = create_transform(
         **common,
         is_training=True,
         scale=tuple(config["scale"]),
@@ -249,6 +249,26 @@ def build_transforms(config: dict[str, Any], data_config: dict[str, Any], traini
         re_prob=config["reprob"],
         re_mode="pixel",
     )
+    for step in transform.transforms:
+        # RandAugment and AugMix keep a list of ops, AutoAugment a list of sub-policies.
+        ops = [*getattr(step, "ops", ()), *(op for policy in getattr(step, "policy", ()) for op in policy)]
+        for op in ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, also for 0 bits kept (a black image, as Pillow used to give).
+
+    RandAugment's increasing posterize keeps 0 bits at magnitude 10, which Pillow 12 and later
+    refuse with an error; the default ``rand-m9-mstd0.5`` policy reaches magnitude 10 now and then.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def make_loader(

@@ -103,6 +103,10 @@ class Recipe:
     mixup: Any  # timm Mixup or None
 
 
+# timm optimizer names that map to torch.optim classes with a fused CPU and CUDA implementation.
+FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
 def build_recipe(
     model: nn.Module, config: dict[str, Any], num_classes: int, updates_per_epoch: int
 ) -> Recipe:
@@ -118,6 +122,9 @@ def build_recipe(
         lr=config["lr"],
         weight_decay=config["weight_decay"],
         filter_bias_and_bn=True,
+        # One fused kernel instead of a loop over tensors: several times faster on CPU, where
+        # PyTorch's default is the per-tensor loop.
+        **({"fused": True} if config["opt"].lower() in FUSED_OPTIMIZERS else {}),
     )
     scheduler, _ = create_scheduler_v2(
         optimizer,

@@ -251,7 +251,10 @@ class Trainer:
         }
 
     def _save(
-        self, last_metrics: dict[str, Any] | None, best_weights: tuple[nn.Module, str, dict] | None
+        self,
+        last_metrics: dict[str, Any] | None,
+        best_weights: tuple[nn.Module, str, dict] | None,
+        ema_metrics: dict[str, Any] | None = None,
     ) -> None:
         """Write last (and best) checkpoints on rank 0; every process learns whether that worked."""
         rng = gather_objects(capture_rng(), self.context)
@@ -276,6 +279,10 @@ class Trainer:
                 ),
                 ckpt.state_path(self.run_dir, ckpt.LAST): ckpt.save_state_writer(state),
             }
+            if self.ema is not None:
+                writes[ckpt.weights_path(self.run_dir, ckpt.LAST_EMA)] = ckpt.save_weights_writer(
+                    self.ema.module.state_dict(), self._info("ema", ema_metrics)
+                )
             if best_weights is not None:
                 module, source, metrics = best_weights
                 writes[ckpt.weights_path(self.run_dir, ckpt.BEST)] = ckpt.save_weights_writer(
@@ -450,7 +457,7 @@ class Trainer:
                 "weights": source,
             }
             best_weights = (module, source, metrics)
-        self._save(model_metrics, best_weights)
+        self._save(model_metrics, best_weights, ema_metrics)
         if self.context.is_main:
             write_csv(self.history, self.run_dir / "metrics.csv")
             self.tensorboard.epoch(row)
