@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--latency-iters", type=int, default=20, help="batch-1 calls per model per round")
     parser.add_argument("--skip-blocks", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/speed_targets"))
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/speed_targets.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = BenchSettings(
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, rounds=args.rounds,
-        warmup=args.warmup, min_round_seconds=0.5, latency_iters=5,
+        warmup=args.warmup, min_round_seconds=0.5, latency_iters=args.latency_iters,
     )  # fmt: skip
     targets: list[Target] = []
     summary: list[str] = []

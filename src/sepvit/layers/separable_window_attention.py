@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sepvit.layers.fused_linear import FusedLinear
 from sepvit.layers.windows import (
     grid_size,
     shape_independent_graph,
@@ -99,8 +100,8 @@ class GlobalSelfAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = FusedLinear(dim, dim * 3, bias=qkv_bias)
+        self.proj = FusedLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,7 +122,7 @@ class PointwiseSelfAttention(nn.Module):
         self.attn_drop = attn_drop
         self.norm = nn.LayerNorm(dim)
         self.act = nn.GELU()
-        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.qk = FusedLinear(dim, dim * 2, bias=qkv_bias)
 
     def forward(self, window_tokens: Tensor, windows: Tensor) -> Tensor:
         """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> (B, N, P, heads, C / heads).
@@ -186,7 +187,7 @@ class SeparableWindowAttention(nn.Module):
         self.window_size = window_size
         self.attn_drop = attn_drop
         self.window_representation = window_representation
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = FusedLinear(dim, dim * 3, bias=qkv_bias)
         self.window_tokens = None
         if window_representation == "token" and window_token == "learnable":
             self.window_tokens = nn.Parameter(torch.zeros(1, *grid_size, dim))
@@ -194,7 +195,7 @@ class SeparableWindowAttention(nn.Module):
         if window_representation == "dwconv":
             self.window_pool = nn.Conv2d(dim, dim, window_size, groups=dim)
         self.psa = PointwiseSelfAttention(dim, num_heads, qkv_bias, attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FusedLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def tokens_for_grid(self, batch: int, grid: tuple[int, int], like: Tensor) -> Tensor:

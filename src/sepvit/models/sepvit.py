@@ -28,13 +28,13 @@ from collections.abc import Mapping
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sepvit.layers import GlobalSelfAttention, SeparableWindowAttention, grid_size
+from sepvit.layers import FusedMlp, GlobalSelfAttention, SeparableWindowAttention, grid_size
 from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
 
 __all__ = ["SepViT", "SepViTBlock", "checkpoint_filter_fn", "parse_block_plan"]
@@ -121,7 +121,7 @@ class SepViTBlock(nn.Module):
             )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = FusedMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

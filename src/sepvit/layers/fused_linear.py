@@ -1,0 +1,77 @@
+"""Linear layers whose CPU inference runs as one oneDNN call, with the bias and GELU fused in.
+
+``nn.Linear`` on the CPU first copies the bias into every row of its output, then accumulates the
+matrix product onto it, and a following GELU reads and writes the output once more: three passes
+over maps that are far larger than the caches (a 16 × 56 × 56 × 384 MLP hidden map is 77 MiB).
+oneDNN's linear applies the bias and the activation while it writes each output tile. The fused
+path runs only where it is exact and invisible: CPU inference (no autograd, which the oneDNN op
+lacks) outside tracing, compiling, exporting and dispatch modes such as the FLOP counter, so
+exported graphs and MAC counts are those of the plain layers. The parameters are those of
+``nn.Linear`` and ``timm.layers.Mlp``, so state dicts are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def use_fused_linear(x: Tensor) -> bool:
+    """True where :class:`FusedLinear` and :class:`FusedMlp` take the oneDNN path for input ``x``."""
+    return (
+        _ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype in _FUSED_DTYPES
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+def fused_linear(x: Tensor, layer: nn.Linear, activation: str = "none") -> Tensor:
+    """``activation(layer(x))`` in one oneDNN call; ``activation`` is ``"none"`` or ``"gelu"`` (erf)."""
+    return torch.ops.mkldnn._linear_pointwise(
+        x, layer.weight, layer.bias, activation, [], "none" if activation == "gelu" else ""
+    )
+
+
+class FusedLinear(nn.Linear):
+    """``nn.Linear`` that runs CPU inference with the bias fused into the matrix product."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if use_fused_linear(x):
+            return fused_linear(x, self)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedMlp(nn.Module):
+    """The transformer MLP ``fc2(drop(GELU(fc1(x))))`` with timm's ``Mlp`` parameter names.
+
+    In CPU inference ``fc1`` and the GELU are one oneDNN call and ``fc2`` another.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and use_fused_linear(x):
+            return fused_linear(fused_linear(x, self.fc1, "gelu"), self.fc2)
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
