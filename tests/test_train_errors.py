@@ -235,7 +235,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
 
     def save_file_on_a_full_disk(tensors, path, metadata=None):
         calls["count"] += 1
-        if calls["count"] > 2:  # epoch 1 writes last and best; epoch 2's first write fails
+        if calls["count"] > 3:  # epoch 1 writes last, last_ema and best; epoch 2's first write fails
             Path(path).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, path, metadata=metadata)
@@ -245,6 +245,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     with pytest.raises(TrainingError, match="No space left on device; the previous files are kept"):
         Trainer(_config(tmp_path), CPU).run()
     assert ckpt.read_checkpoint_info(run_dir / "last.safetensors")[1]["epoch"] == 1
+    assert ckpt.read_checkpoint_info(run_dir / "last_ema.safetensors")[1]["epoch"] == 1
     assert ckpt.load_training_state(run_dir / "last.state.pt")["epoch"] == 1
     assert not list(run_dir.glob(".*.tmp"))
     # and the run continues from there
