@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sepvit.train.checkpoint import write_atomically
-from sepvit.train.distributed import DistContext, all_reduce, barrier
+from sepvit.train.distributed import DistContext, all_reduce, any_process, barrier
 from sepvit.train.reporting import Progress
 
 
@@ -241,7 +241,7 @@ class Trainer:
             loss = sum(losses.values())
             # Every process must stop at the same step, or the others would wait in the next all-reduce.
             finite = bool(torch.isfinite(loss))
-            if all_reduce([0.0 if finite else 1.0], self.context, op="max")[0]:
+            if any_process(not finite, self.context):
                 where = f"at epoch {epoch + 1}, step {step + 1}"
                 cause = (
                     f"another process's loss is not finite {where}"

@@ -64,6 +64,11 @@ def all_reduce(values: list[float], context: DistContext, op: str = "sum") -> li
     return tensor.tolist()
 
 
+def any_process(flag: bool, context: DistContext) -> bool:
+    """Whether ``flag`` is true in any process; every process gets the same answer."""
+    return bool(all_reduce([1.0 if flag else 0.0], context, op="max")[0])
+
+
 def barrier(context: DistContext) -> None:
     if context.distributed:
         dist.barrier()

@@ -34,7 +34,7 @@ from sepvit.train.data import (
     load_image_sets,
     make_loader,
 )
-from sepvit.train.distributed import DistContext, all_reduce
+from sepvit.train.distributed import DistContext, all_reduce, any_process
 from sepvit.train.engine import (
     amp_dtype,
     autocast,
@@ -292,7 +292,7 @@ class Trainer:
                 ckpt.write_atomically(writes)
             except ckpt.CheckpointWriteError as failure:
                 error = str(failure)
-        failed = all_reduce([1.0 if error else 0.0], self.context, op="max")[0]
+        failed = any_process(bool(error), self.context)
         if failed:
             raise TrainingError(error or "rank 0 could not write the checkpoint; the previous one is kept")
 
@@ -350,7 +350,7 @@ class Trainer:
                     finite = finite and math.isfinite(loss_value)
                     window_loss += loss_value * labels.shape[0]
                     window_images += labels.shape[0]
-                if all_reduce([0.0 if finite else 1.0], context, op="max")[0]:
+                if any_process(not finite, context):
                     self._diverged(epoch)
                 self._optimizer_step(optimizer)
                 global_step = self.epoch * self.updates_per_epoch + self.step_in_epoch + 1
@@ -366,7 +366,7 @@ class Trainer:
                 if self.step_hook is not None:
                     self.step_hook(self)
                 # Every process must agree, or one would wait for the others in the next collective.
-                if all_reduce([1.0 if self.stop.signal_name else 0.0], context, op="max")[0]:
+                if any_process(bool(self.stop.signal_name), context):
                     self._save(None, None)
                     return False
         except ImageDecodeError as error:  # from a loader worker it carries the worker's traceback
