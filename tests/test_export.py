@@ -83,11 +83,17 @@ def test_sepvit_lite_operator_census_is_universal(sepvit_lite_onnx):
         assert census.counts[trick] == 0
 
 
+@pytest.fixture(scope="module")
+def sepvit_lite_fixed_onnx(sepvit_lite_onnx, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "sepvit_lite_fixed.onnx"
+    return export_onnx(sepvit_lite_onnx[0], path, (3, 224, 224), name="sepvit_lite")
+
+
 @pytest.mark.slow
-def test_fixed_size_export_drops_padding_and_masks(sepvit_lite_onnx, tmp_path):
+def test_fixed_size_export_drops_padding_and_masks(sepvit_lite_onnx, sepvit_lite_fixed_onnx):
     """At one size whose maps fit the windows, the graph has no padding, masking or token resizing."""
     model, dynamic = sepvit_lite_onnx
-    fixed = export_onnx(model, tmp_path / "fixed.onnx", (3, 224, 224), name="sepvit_lite")
+    fixed = sepvit_lite_fixed_onnx
     assert fixed.input_shape[1:] == (3, 224, 224) and isinstance(fixed.input_shape[0], str)
     results = compare_outputs(model, fixed, [(1, 3, 224, 224), (2, 3, 224, 224)])
     assert all(r.max_abs_diff < 1e-4 for r in results)
@@ -95,6 +101,24 @@ def test_fixed_size_export_drops_padding_and_masks(sepvit_lite_onnx, tmp_path):
     assert general["Where"] > 0 and general["Pad"] > 0
     assert lean["Where"] == 0 and lean["Pad"] == 0
     assert sum(lean.values()) < sum(general.values())
+
+
+@pytest.mark.slow
+def test_onnxruntime_fuses_every_bias_and_gelu(sepvit_lite_onnx, sepvit_lite_fixed_onnx, tmp_path):
+    """ONNX Runtime's optimised graph: each weight product a Gemm (bias inside), each GELU one node."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(sepvit_lite_fixed_onnx.path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    ops = [node.op_type for node in graph.node]
+    gelus = sum(isinstance(module, nn.GELU) for module in sepvit_lite_onnx[0].modules())
+    assert ops.count("Gelu") == gelus and "Erf" not in ops
+    assert not [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    assert ops.count("Gemm") > 0
 
 
 @pytest.mark.slow

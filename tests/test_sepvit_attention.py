@@ -108,7 +108,7 @@ def test_dsa_matches_reference(size):
 def test_psa_matches_reference():
     module = randomize(SeparableWindowAttention(12, 3, 2, (2, 3))).psa
     tokens, windows = torch.randn(2, 6, 12), torch.randn(2, 6, 4, 12)
-    got = module(tokens, windows).flatten(-2)
+    got = module(tokens, windows).permute(0, 2, 3, 1, 4).flatten(-2)  # head-major -> (B, N, P, C)
     t = F.gelu(F.layer_norm(tokens, (12,), module.norm.weight, module.norm.bias))
     q, k = (t @ module.qk.weight.T + module.qk.bias).split(12, dim=-1)
     expected = torch.empty_like(windows)
@@ -189,6 +189,8 @@ def test_real_pixels_do_not_see_padding_values():
     altered[:, :, 17:] = -100.0
     windows = window_partition(altered, 7)
     torch.testing.assert_close(window_reverse(windows, 7, 10, 17), x[:, :10, :17])
+    heads_first = windows.unflatten(-1, (2, -1)).permute(0, 3, 1, 2, 4).contiguous()  # (B, heads, N, P, d)
+    torch.testing.assert_close(window_reverse(heads_first, 7, 10, 17, heads_first=True), x[:, :10, :17])
     torch.testing.assert_close(module(x[:, :10, :17]), reference)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepvit.layers.fused_linear import FusedLinear
+from sepvit.layers.fused_linear import FusedLinear, Gelu
 from sepvit.layers.windows import (
     grid_size,
     shape_independent_graph,
@@ -39,6 +39,27 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(..., L, C) -> (..., heads, L, C / heads)."""
     *batch, length, channels = x.shape
     return x.view(*batch, length, num_heads, channels // num_heads).transpose(-2, -3)
+
+
+def project_heads(x: Tensor, layer: nn.Linear, parts: int, num_heads: int) -> tuple[Tensor, ...]:
+    """``layer(x)`` cut into ``parts`` (queries, keys, ...), each head-major: (..., heads, L, C / heads).
+
+    ``x`` is (..., L, C). Under export each part is its own 2-D product (an ONNX ``Gemm``), which
+    spares ONNX Runtime the copy that splitting one wide output costs.
+    """
+    if torch.compiler.is_exporting():
+        flat = x.reshape(-1, x.shape[-1])
+        width = layer.out_features // parts
+        # Slices, not chunk(): the exporter folds each into a weight of its own.
+        rows = [slice(start, start + width) for start in range(0, layer.out_features, width)]
+        return tuple(
+            split_heads(F.linear(flat, layer.weight[part], bias).view(*x.shape[:-1], width), num_heads)
+            for part, bias in zip(
+                rows, [None] * parts if layer.bias is None else [layer.bias[r] for r in rows]
+            )
+        )
+    out = layer(x).view(*x.shape[:-1], parts, num_heads, -1)  # (..., L, parts, heads, C / heads)
+    return out.movedim(-3, 0).transpose(-2, -3).unbind(0)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -76,8 +97,7 @@ def depthwise_self_attention(
     ``z`` is (G, L, C) for G independent groups (windows) of L tokens; ``key_mask`` (G, L) marks the
     tokens that may be attended to (None: all of them).
     """
-    groups, length, channels = z.shape
-    q, k, v = qkv(z).view(groups, length, 3, num_heads, channels // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = project_heads(z, qkv, 3, num_heads)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
     out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)
     return merge_heads(out) + z
@@ -138,28 +158,24 @@ class PointwiseSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.norm = nn.LayerNorm(dim)
-        self.act = nn.GELU()
+        self.act = Gelu()
         self.qk = FusedLinear(dim, dim * 2, bias=qkv_bias)
 
     def forward(self, window_tokens: Tensor, windows: Tensor) -> Tensor:
-        """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> (B, N, P, heads, C / heads).
+        """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> head-major (B, heads, N, P, C / heads).
 
-        The result is a view in head-major memory order, which saves a copy: the caller's window
-        reverse is the one copy back to channels-last.
+        The result stays head-major, which saves a copy: the caller's window reverse is the one copy
+        back to channels-last.
         """
         batch, num_windows, pixels, channels = windows.shape
         head_dim = channels // self.num_heads
-        q, k = (
-            self.qk(self.act(self.norm(window_tokens)))
-            .view(batch, num_windows, 2, self.num_heads, head_dim)
-            .permute(2, 0, 3, 1, 4)
-        )
+        q, k = project_heads(self.act(self.norm(window_tokens)), self.qk, 2, self.num_heads)
         # Each head's values are its channel slice of every pixel of the window, flattened.
         v = windows.view(batch, num_windows, pixels, self.num_heads, head_dim).permute(0, 3, 1, 2, 4)
         v = v.reshape(batch, self.num_heads, num_windows, pixels * head_dim)
         # The scale is the DSA one (head_dim ** -0.5), which SDPA takes from the query width.
         out = scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0) + v
-        return out.view(batch, self.num_heads, num_windows, pixels, head_dim).permute(0, 2, 3, 1, 4)
+        return out.view(batch, self.num_heads, num_windows, pixels, head_dim)
 
 
 class SeparableWindowAttention(nn.Module):
@@ -262,5 +278,7 @@ class SeparableWindowAttention(nn.Module):
             window_tokens = self.pooled_representation(windows, pixel_mask)
         if pixel_mask is not None:  # padded pixels must add nothing to other windows in PSA
             windows = windows * pixel_mask[:, :, None]
-        out = window_reverse(self.psa(window_tokens, windows), self.window_size, height, width)
+        out = window_reverse(
+            self.psa(window_tokens, windows), self.window_size, height, width, heads_first=True
+        )
         return self.proj_drop(self.proj(out))

@@ -58,14 +58,20 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     return x.reshape(batch, grid_h * grid_w, window_size * window_size, channels)
 
 
-def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -> Tensor:
-    """Inverse of :func:`window_partition`: (B, num_windows, window_size**2, *C) -> (B, H, W, prod(C)).
+def window_reverse(
+    windows: Tensor, window_size: int, height: int, width: int, heads_first: bool = False
+) -> Tensor:
+    """Inverse of :func:`window_partition`: (B, num_windows, window_size**2, C) -> (B, H, W, C).
 
-    The channels may span several trailing dimensions (e.g. heads × head width of a head-major
-    view): they are merged in the one copy this makes.
+    ``heads_first`` takes the windows head-major, (B, heads, num_windows, window_size**2, C / heads),
+    and moves the heads back beside their channels in the same single copy.
     """
     grid_h, grid_w = grid_size(height, width, window_size)
-    x = windows.unflatten(2, (window_size, window_size)).unflatten(1, (grid_h, grid_w)).transpose(2, 3)
+    if heads_first:  # (B, heads, gh, gw, M, M, d) -> (B, gh, M, gw, M, heads, d)
+        x = windows.unflatten(3, (window_size, window_size)).unflatten(2, (grid_h, grid_w))
+        x = x.permute(0, 2, 4, 3, 5, 1, 6)
+    else:  # (B, gh, gw, M, M, C) -> (B, gh, M, gw, M, C)
+        x = windows.unflatten(2, (window_size, window_size)).unflatten(1, (grid_h, grid_w)).transpose(2, 3)
     x = x.reshape(windows.shape[0], grid_h * window_size, grid_w * window_size, -1)
     if shape_independent_graph() or grid_h * window_size != height or grid_w * window_size != width:
         x = x[:, :height, :width]
