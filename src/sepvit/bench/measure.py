@@ -4,6 +4,12 @@ Every subject (a model or a block, on one backend) is built, warmed up, then tim
 round visits every subject once, in an order rotated from round to round, together with a dense
 matmul probe, so that load from other processes hits all of them alike. Reported figures are medians
 over rounds with the min–max range; a spread wider than ``SPREAD_WARNING`` of the median is flagged.
+
+Batch-1 latency is sampled call by call across the subjects (A, B, A, B, ...), so that the slow
+spells of a shared machine, which last seconds, fall on every subject alike. Each timed call follows
+an untimed call of the same subject: the previous subject's worker threads spin on for a moment
+after it returns, and on a small machine they would otherwise slow the next call down (ONNX Runtime
+sessions each own a thread pool; two of them called in turn lose a third of their speed).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class BenchSettings:
     warmup: int = 2
     rounds: int = 5
     min_round_seconds: float = 0.5  # each subject runs whole batches for at least this long per round
-    latency_iters: int = 5  # batch-1 calls per round
+    latency_iters: int = 5  # timed batch-1 calls per subject and round
     latency: bool = True
     memory: bool = True
     threads: int | None = None
@@ -318,8 +324,10 @@ def run_benchmark(
             runner = runners[index]
             seconds = runner.timed(settings.batch_size, iters[index])
             throughputs[index].append(settings.batch_size * iters[index] / seconds)
-            if settings.latency:
-                latencies[index].extend(runner.timed(1, 1) * 1e3 for _ in range(settings.latency_iters))
+        for _ in range(settings.latency_iters if settings.latency else 0):
+            for index in order:
+                runners[index](1)  # untimed: lets the previous subject's threads wind down
+                latencies[index].append(runners[index].timed(1, 1) * 1e3)
     matmul = Spread.of(matmul_rates)
 
     run = BenchRun(settings, [], matmul)
