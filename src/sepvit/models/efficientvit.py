@@ -13,7 +13,6 @@ convolution is followed by BatchNorm, folded away by :meth:`EfficientViT.fuse`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import partial
 
@@ -32,6 +31,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from sepvit.layers.cascaded_group_attention import CascadedGroupAttention
+from sepvit.models.state_dicts import rename_key, unwrap_state_dict
 from sepvit.utils.reparameterize import fuse_bn_linear, reparameterize
 
 __all__ = ["EfficientViT", "checkpoint_filter_fn"]
@@ -375,19 +375,15 @@ _TIMM_KEY_MAP = (
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: EfficientViT) -> dict[str, Tensor]:
     """Adapt a state dict of timm's ``efficientvit_m*`` (or our own) to ``model``.
 
-    Attention biases whose window differs from the model's are resampled (bicubic); wrapping
-    dicts (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped.
+    Attention biases whose window differs from the model's are resampled (bicubic); training
+    checkpoints are unwrapped as :func:`sepvit.models.state_dicts.unwrap_state_dict` does.
     """
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
     target = model.state_dict()
     out = {}
-    for key, value in state_dict.items():
+    for key, value in unwrap_state_dict(state_dict).items():
         if key.endswith("attention_bias_idxs"):
             continue
-        for pattern, repl in _TIMM_KEY_MAP:
-            key = re.sub(pattern, repl, key)
+        key = rename_key(key, _TIMM_KEY_MAP)
         if key.endswith("attention_biases") and key in target and value.shape != target[key].shape:
             value = resize_rel_pos_bias_table_levit(value.T, target[key].shape[::-1]).T.contiguous()
         out[key] = value

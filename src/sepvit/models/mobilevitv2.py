@@ -13,7 +13,6 @@ projection back). Feature strides 2, 4, 8, 16, 32.
 from __future__ import annotations
 
 import math
-import re
 from functools import partial
 
 import torch
@@ -24,6 +23,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from sepvit.layers.linear_attention import LinearSelfAttention
+from sepvit.models.state_dicts import rename_key, unwrap_state_dict
 from sepvit.utils.reparameterize import reparameterize
 
 __all__ = ["MobileViTv2", "checkpoint_filter_fn"]
@@ -289,20 +289,13 @@ _TIMM_KEY_MAP = (
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Adapt a state dict of timm's ``mobilevitv2_*`` (or the official cvnets port) to ours.
 
-    Our own state dicts pass unchanged. Wrapping dicts (``{"model": ...}``, ``{"state_dict": ...}``)
-    are unwrapped.
+    Our own state dicts pass unchanged. Training checkpoints are unwrapped (EMA weights first) and
+    DDP's ``module.`` prefix is dropped (:func:`sepvit.models.state_dicts.unwrap_state_dict`).
     """
-    for wrapper in ("state_dict", "model"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
+    state_dict = unwrap_state_dict(state_dict)
     if not any(".conv1_1x1." in k or ".transformer." in k for k in state_dict):
         return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _TIMM_KEY_MAP:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return {rename_key(key, _TIMM_KEY_MAP): value for key, value in state_dict.items()}
 
 
 def _cfg(**kwargs) -> dict:

@@ -23,7 +23,6 @@ resizes a 224 checkpoint's window tokens to the new grid.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import torch
@@ -36,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sepvit.layers import FusedMlp, GlobalSelfAttention, SeparableWindowAttention, grid_size
 from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
+from sepvit.models.state_dicts import rename_key, unwrap_state_dict
 
 __all__ = ["SepViT", "SepViTBlock", "checkpoint_filter_fn", "parse_block_plan"]
 
@@ -380,14 +380,6 @@ _OFFICIAL_KEY_RENAMES = (
 )
 
 
-def _unwrap_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            checkpoint = checkpoint[key]
-            break
-    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
-
-
 def resize_window_tokens(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     """Window tokens (1, gh, gw, C) (or the official (1, N, 1, C) on a square grid) -> (1, *grid, C)."""
     if tokens.ndim == 4 and tokens.shape[2] == 1 and tokens.shape[1] != 1:
@@ -406,14 +398,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: SepViT) -> dic
     window tokens to the model's window grids. Keys the model lacks are kept, so that loading reports
     them.
     """
-    state_dict = _unwrap_state_dict(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if any(key.startswith("patch_embeds.") for key in state_dict):
-        renamed = {}
-        for key, value in state_dict.items():
-            for pattern, replacement in _OFFICIAL_KEY_RENAMES:
-                key = re.sub(pattern, replacement, key)
-            renamed[key] = value
-        state_dict = renamed
+        state_dict = {rename_key(key, _OFFICIAL_KEY_RENAMES): value for key, value in state_dict.items()}
     model_state = model.state_dict()
     return {
         key: resize_window_tokens(value, model_state[key].shape[1:3])
