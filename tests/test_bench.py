@@ -66,17 +66,19 @@ def test_bench_two_tiny_models_writes_every_field(tmp_path, capsys):
 def test_bench_onnxruntime_backend_runs_alongside_eager(tmp_path):
     status = run_cli(
         "bench", "test_resnet", "--img-size", "64", "--backend", "eager", "onnxruntime", "--batch-size", "2",
-        "--warmup", "1", "--rounds", "2", "--min-round-seconds", "0.05", "--no-latency", "--no-memory",
-        "--out-dir", str(tmp_path),
+        "--warmup", "1", "--rounds", "2", "--min-round-seconds", "0.05", "--latency-iters", "2",
+        "--no-memory", "--opset", "17", "--out-dir", str(tmp_path),
     )  # fmt: skip
     assert status == 0
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    report = json.loads((tmp_path / "results.json").read_text())
+    results = report["results"]
     assert [(r["name"], r["backend"]) for r in results] == [
         ("test_resnet", "eager"),
         ("test_resnet", "onnxruntime"),
     ]
+    assert report["settings"]["opset"] == 17 and "ONNX opset 17" in (tmp_path / "results.md").read_text()
     assert results[0]["macs"] == results[1]["macs"]
-    assert all(r["throughput"]["median"] > 0 and r["latency_ms"] is None for r in results)
+    assert all(r["throughput"]["median"] > 0 and 0 < r["latency_ms"] <= r["latency_p90_ms"] for r in results)
 
 
 def test_table1_blocks_match_the_paper_macs():

@@ -32,10 +32,15 @@ def register(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per model and batch size")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each visits every model)")
     parser.add_argument("--min-round-seconds", type=float, default=0.5, help="time per model per round")
-    parser.add_argument("--latency-iters", type=int, default=5, help="batch-1 calls per model per round")
+    parser.add_argument(
+        "--latency-iters", type=int, default=5, help="timed batch-1 calls per model per round"
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip batch-1 latency")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--threads", type=int, help="torch (and ONNX Runtime) threads")
+    parser.add_argument(
+        "--opset", type=int, default=18, help="ONNX opset of the onnxruntime backend's export (18)"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"), help="where results go")
     parser.set_defaults(func=run_bench)
 
@@ -69,7 +74,7 @@ def run_bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
         deploy=args.deploy, warmup=args.warmup, rounds=args.rounds,
         min_round_seconds=args.min_round_seconds, latency_iters=args.latency_iters,
-        latency=not args.no_latency, memory=not args.no_memory, threads=args.threads,
+        latency=not args.no_latency, memory=not args.no_memory, threads=args.threads, opset=args.opset,
     )  # fmt: skip
     run = run_benchmark(subjects, settings)
     print(format_table(run))

@@ -52,6 +52,7 @@ class BenchSettings:
     latency: bool = True
     memory: bool = True
     threads: int | None = None
+    opset: int = 18  # of the onnxruntime backend's export
 
 
 @dataclass
@@ -153,7 +154,14 @@ class Runner:
         fp16 = self.settings.dtype == "fp16"
         directory = tempfile.TemporaryDirectory(prefix="sepvit-bench-")
         path = Path(directory.name) / "model.onnx"
-        exported = export_onnx(model, path, self.subject.sample_shape, fp16=fp16, name=self.subject.name)
+        exported = export_onnx(
+            model,
+            path,
+            self.subject.sample_shape,
+            fp16=fp16,
+            opset=self.settings.opset,
+            name=self.subject.name,
+        )
         session = onnxruntime_session(path, self.settings.device, torch.get_num_threads())
         self._keepalive = directory
         self._dtype = np.float16 if fp16 else np.float32

@@ -101,6 +101,8 @@ def _row(result: BenchResult) -> list[str]:
 def _settings_line(run: BenchRun) -> str:
     s = run.settings
     modes = [m for m, on in (("channels-last", s.channels_last), ("deploy", s.deploy)) if on]
+    if any(result.backend == "onnxruntime" for result in run.results):
+        modes.append(f"ONNX opset {s.opset}")
     return (
         f"{s.device}, {s.dtype}, batch {s.batch_size}{', ' + ', '.join(modes) if modes else ''}; "
         f"{s.rounds} rounds after {s.warmup} warm-ups, models interleaved; "
