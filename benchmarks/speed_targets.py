@@ -43,7 +43,7 @@ class Target:
     def line(self) -> str:
         relation = "≥" if self.higher_is_better else "<"
         verdict = "PASS" if self.met else "MISS"
-        return f"{verdict}  {self.description}: {self.measured:.3g} (target {relation} {self.threshold:.3g})"
+        return f"{verdict}  {self.description}: {self.measured:.3f} (target {relation} {self.threshold:g})"
 
 
 def find(run: BenchRun, name: str, backend: str = "eager") -> BenchResult | None:
