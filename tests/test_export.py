@@ -19,6 +19,7 @@ from sepvit.export import (
     prepare_deploy,
 )
 from sepvit.export.cli import register
+from sepvit.layers.tracing import exporting
 
 
 @torch.library.custom_op("sepvit_test::twist", mutates_args=())
@@ -173,3 +174,16 @@ def test_failing_export_names_operator_and_module(tmp_path):
 def test_unknown_model_lists_close_matches(tmp_path):
     with pytest.raises(CliError, match=r"unknown model 'sepvit_litee'; close matches: sepvit_lite"):
         run_cli("export", "sepvit_litee", "-o", str(tmp_path / "x.onnx"))
+
+
+def test_export_forms_only_while_torch_export_traces():
+    """The ONNX-friendly forms are for torch.export alone: never in eager code or under torch.compile."""
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + float(exporting())
+
+    x = torch.zeros(1)
+    assert Probe()(x).item() == 0
+    assert torch.compile(Probe(), backend="eager", fullgraph=True)(x).item() == 0
+    assert torch.export.export(Probe(), (x,), strict=False).module()(x).item() == 1

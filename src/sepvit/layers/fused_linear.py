@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from sepvit.layers.tracing import exporting
+
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -59,7 +61,7 @@ def linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """``layer(x)``: fused by oneDNN in CPU inference, a 2-D ``Gemm`` under export."""
     if use_fused_linear(x):
         return fused_linear(x, layer)
-    if torch.compiler.is_exporting():
+    if exporting():
         flat = F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
         return flat.view(*x.shape[:-1], flat.shape[-1])
     return F.linear(x, layer.weight, layer.bias)
@@ -79,7 +81,7 @@ class Gelu(nn.GELU):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_exporting():
+        if exporting():
             return (x * 0.5) * (torch.erf(x / math.sqrt(2.0)) + 1.0)
         return super().forward(x)
 
@@ -101,7 +103,7 @@ class FusedMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and use_fused_linear(x):
             return fused_linear(fused_linear(x, self.fc1, "gelu"), self.fc2)
-        if torch.compiler.is_exporting():  # one 2-D view for both layers, so each is a Gemm
+        if exporting():  # one 2-D view for both layers, so each is a Gemm
             return self.mlp(x.reshape(-1, x.shape[-1])).view(x.shape)
         return self.mlp(x)
 

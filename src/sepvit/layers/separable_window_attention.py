@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sepvit.layers.fused_linear import FusedLinear, Gelu
+from sepvit.layers.tracing import exporting
 from sepvit.layers.windows import (
     grid_size,
     shape_independent_graph,
@@ -47,7 +48,7 @@ def project_heads(x: Tensor, layer: nn.Linear, parts: int, num_heads: int) -> tu
     ``x`` is (..., L, C). Under export each part is its own 2-D product (an ONNX ``Gemm``), which
     spares ONNX Runtime the copy that splitting one wide output costs.
     """
-    if torch.compiler.is_exporting():
+    if exporting():
         flat = x.reshape(-1, x.shape[-1])
         width = layer.out_features // parts
         # Slices, not chunk(): the exporter folds each into a weight of its own.
@@ -77,7 +78,7 @@ def scaled_dot_product_attention(
     products and a softmax, which ONNX Runtime runs faster than the exported SDPA (it folds the
     transposed keys into its MatMul, and the graph has a fifth fewer nodes).
     """
-    if not torch.compiler.is_exporting():
+    if not exporting():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:

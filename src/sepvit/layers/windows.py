@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sepvit.layers.tracing import exporting
+
 _FIXED_INPUT_SIZE = contextvars.ContextVar("sepvit_fixed_input_size", default=False)
 
 
@@ -38,7 +40,7 @@ def fixed_input_size() -> Iterator[None]:
 def shape_independent_graph() -> bool:
     """True while the graph must not depend on the input size: under ``torch.export``, unless the
     export is for one input size (:func:`fixed_input_size`)."""
-    return torch.compiler.is_exporting() and not _FIXED_INPUT_SIZE.get()
+    return exporting() and not _FIXED_INPUT_SIZE.get()
 
 
 def grid_size(height: int, width: int, window_size: int) -> tuple[int, int]:
