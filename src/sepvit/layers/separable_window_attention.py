@@ -51,14 +51,13 @@ def project_heads(x: Tensor, layer: nn.Linear, parts: int, num_heads: int) -> tu
     if exporting():
         flat = x.reshape(-1, x.shape[-1])
         width = layer.out_features // parts
-        # Slices, not chunk(): the exporter folds each into a weight of its own.
-        rows = [slice(start, start + width) for start in range(0, layer.out_features, width)]
-        return tuple(
-            split_heads(F.linear(flat, layer.weight[part], bias).view(*x.shape[:-1], width), num_heads)
-            for part, bias in zip(
-                rows, [None] * parts if layer.bias is None else [layer.bias[r] for r in rows]
-            )
-        )
+        projected = []
+        for start in range(0, layer.out_features, width):
+            rows = slice(start, start + width)  # a slice, not chunk(): the exporter folds it into a weight
+            bias = None if layer.bias is None else layer.bias[rows]
+            part = F.linear(flat, layer.weight[rows], bias).view(*x.shape[:-1], width)
+            projected.append(split_heads(part, num_heads))
+        return tuple(projected)
     out = layer(x).view(*x.shape[:-1], parts, num_heads, -1)  # (..., L, parts, heads, C / heads)
     return out.movedim(-3, 0).transpose(-2, -3).unbind(0)
 
