@@ -9,7 +9,7 @@ Batch-1 latency is sampled call by call across the subjects (A, B, A, B, ...), s
 spells of a shared machine, which last seconds, fall on every subject alike. Each timed call follows
 an untimed call of the same subject: the previous subject's worker threads spin on for a moment
 after it returns, and on a small machine they would otherwise slow the next call down (ONNX Runtime
-sessions each own a thread pool; two of them called in turn lose a third of their speed).
+sessions each own a thread pool, and two of them called in turn slow each other down).
 """
 
 from __future__ import annotations
