@@ -5,8 +5,9 @@
 - 8-bit grayscale, palette, CMYK, YCbCr, LAB and 1-bit images: Pillow's conversion to RGB
   (1-bit pixels become 0 or 255, CMYK ``(c, m, y, k)`` becomes ``(255 - c)(255 - k) / 255`` etc.).
 - 16-bit grayscale (Pillow modes ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``): scaled, not clipped,
-  ``v * 255 / 65535`` rounded. 16-bit colour PNGs and TIFFs are reduced to 8 bits by Pillow itself,
-  which keeps the high byte (``v >> 8``, within one level of the scaled value).
+  ``v * 255 / 65535`` rounded (their single transparent grey level, if any, is ignored). 16-bit
+  colour PNGs and TIFFs are reduced to 8 bits by Pillow itself, which keeps the high byte
+  (``v >> 8``, within one level of the scaled value).
 - 32-bit integer (mode ``I``, e.g. signed or 32-bit TIFFs, 16-bit PNGs in old Pillow): values
   within 0..65535 are taken as 16-bit and scaled like them; otherwise the image's own range
   ``[min, max]`` is stretched to 0..255.
