@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 import sepvit
 from sepvit.errors import CheckpointError, WeightsNotFoundError
+from sepvit.models.table import print_table
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -194,3 +195,16 @@ def test_environment_variables_at_start_up(tmp_path):
     difference, message = result.stdout.strip().splitlines()
     assert float(difference) <= 1e-5
     assert message.startswith("weights timm/efficientvit_m5.r224_in1k for sv_efficientvit_m5.r224_in1k")
+
+
+def test_models_table_shows_weights_and_top1(capsys):
+    print_table("sv_mobilevitv2_150", image_size=32, repeats=1)
+    print_table("sepvit_lite", image_size=32, repeats=1)
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("sv_mobilevitv2_150 "))
+    assert row.split()[-2:] == ["cvnets_in1k", "80.38"]
+    assert [line.split() for line in lines[lines.index(row) + 1 : lines.index(row) + 3]] == [
+        ["cvnets_in22k_ft_in1k", "-"],
+        ["cvnets_in22k_ft_in1k_384", "-"],
+    ]
+    assert next(line for line in lines if line.startswith("sepvit_lite ")).split()[-2:] == ["-", "-"]
