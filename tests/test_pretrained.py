@@ -110,6 +110,11 @@ def test_pretrained_with_another_head_and_features_only(offline_hub):
     model = timm.create_model("sv_efficientvit_m0", pretrained=True, num_classes=5)
     assert model.get_classifier().out_features == 5
     assert torch.equal(model.patch_embed[0].conv.weight, state_dict["patch_embed.conv1.conv.weight"])
+    # timm's test_model_load_pretrained: one input channel (the stem's kernels summed), no head
+    gray = timm.create_model("sv_efficientvit_m0", pretrained=True, in_chans=1, num_classes=0)
+    summed = state_dict["patch_embed.conv1.conv.weight"].sum(dim=1, keepdim=True)
+    assert torch.allclose(gray.patch_embed[0].conv.weight, summed)
+    assert gray.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 192)
     backbone = timm.create_model("sv_efficientvit_m0", pretrained=True, features_only=True).eval()
     assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [64, 128, 192]
 
