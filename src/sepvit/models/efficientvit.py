@@ -438,7 +438,7 @@ default_cfgs = generate_default_cfgs(
     {f"sv_efficientvit_{v}.r224_in1k": _cfg(hf_hub_id=f"timm/efficientvit_{v}.r224_in1k") for v in _VARIANTS}
 )
 
-# ImageNet-1k top-1 (%) of those weights as the paper publishes them (Table 1 of Liu et al.).
+# ImageNet-1k top-1 (%) of those weights as the paper publishes them in its table of models.
 PUBLISHED_TOP1 = {
     f"sv_efficientvit_{v}.r224_in1k": top1
     for v, top1 in zip(_VARIANTS, (63.2, 68.4, 70.8, 73.4, 74.3, 77.1), strict=True)
