@@ -48,7 +48,7 @@ class CascadedGroupAttention(nn.Module):
         kernels: depthwise kernel size on the queries, one per head.
     """
 
-    # Eval-mode biases per device (constant there). A run-time annotation (this module has no
+    # Inference biases per device (constant there). A run-time annotation (this module has no
     # postponed annotations) so that TorchScript knows the type of the empty dict.
     _bias_cache: dict[str, Tensor]
 
