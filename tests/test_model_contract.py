@@ -53,8 +53,10 @@ def images(size: int, batch: int = 1) -> torch.Tensor:
 
 
 def output_axes(model: torch.nn.Module) -> tuple[int, tuple[int, int]]:
-    fmt = getattr(model, "output_fmt", "NCHW")
-    return get_channel_dim(fmt), tuple(get_spatial_dim(fmt))
+    """Channel and spatial axes of the model's unpooled features; every model states its format
+    (timm assumes NCHW where a model does not)."""
+    assert model.output_fmt in ("NCHW", "NHWC")
+    return get_channel_dim(model.output_fmt), tuple(get_spatial_dim(model.output_fmt))
 
 
 def test_every_family_is_listed():
