@@ -11,6 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.efficientvit_msra import LocalWindowAttention
 
 import sepvit
+from sepvit.errors import ConfigError
 from sepvit.layers import CascadedGroupAttention
 from sepvit.models.efficientvit import checkpoint_filter_fn
 from sepvit.utils import count_macs, count_params, reparameterize
@@ -220,6 +221,36 @@ def test_cascaded_group_attention_matches_timm_window_attention():
     layer = CascadedGroupAttention(64, 16, 4, 1.0, resolution=7).eval()
     state = {k.removeprefix("attn."): v for k, v in reference.state_dict().items()}
     layer.load_state_dict(state)
-    x = torch.randn(2, 64, 13, 17)  # padded to 14 x 21: six windows
     with torch.no_grad():
-        assert (reference(x) - layer(x)).abs().max() <= TOL
+        for x in (torch.randn(2, 64, 13, 17), torch.randn(2, 64, 14, 21)):  # six windows, padded or not
+            assert (reference(x) - layer(x)).abs().max() <= TOL
+            channels_last = x.contiguous(memory_format=torch.channels_last)
+            assert (reference(x) - layer(channels_last)).abs().max() <= TOL
+
+
+def test_attention_biases_learn_in_eval_mode_and_are_cached_for_inference():
+    """Fine-tuning with frozen norms (eval mode) trains the biases; inference reuses one gather."""
+    layer = randomize_(CascadedGroupAttention(64, 16, 4, 1.0, resolution=7)).eval()
+    x = torch.randn(2, 64, 14, 14)
+    layer(x).sum().backward()
+    assert layer.attention_biases.grad is not None and layer.attention_biases.grad.abs().sum() > 0
+    with torch.no_grad():
+        expected = layer(x)
+        cached = layer.attention_bias()
+        assert layer.attention_bias() is cached
+        layer.attention_biases.add_(1.0)
+        assert torch.equal(layer(x), expected)  # constant in inference: the cache stands
+    layer.train().eval()  # a mode change drops the cache
+    with torch.no_grad():
+        assert not torch.equal(layer(x), expected)
+
+
+def test_classifier_needs_pooling():
+    with pytest.raises(ConfigError, match="global_pool"):
+        timm.create_model("sv_efficientvit_m0", global_pool="")
+    model = timm.create_model("sv_efficientvit_m0", num_classes=0, global_pool="")
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 192, 4, 4)
+    with pytest.raises(ConfigError, match="global_pool"):
+        model.reset_classifier(10)
+    model.reset_classifier(10, "avg")
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 10)

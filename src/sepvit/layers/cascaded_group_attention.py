@@ -12,17 +12,18 @@ B_i a learned bias per relative offset (|dy|, |dx|) inside the window. Attention
 non-overlapping windows of ``resolution x resolution`` pixels; maps that are not a multiple of it
 are zero-padded at the bottom and right, as in the reference. :meth:`set_resolution` changes the
 window and resamples the biases (bicubic) so trained weights carry over to other input sizes.
-"""
 
-from __future__ import annotations
+The layer is scriptable, and a leaf for ``torch.fx`` (its window count depends on the input size),
+as timm's ``LocalWindowAttention`` is.
+"""
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import ConvNormAct, resize_rel_pos_bias_table_levit
+from timm.models import register_notrace_module
 from torch import Tensor, nn
-
-from sepvit.layers.windows import window_partition, window_reverse
 
 
 def relative_offset_index(resolution: int, device: torch.device | None = None) -> Tensor:
@@ -34,6 +35,7 @@ def relative_offset_index(resolution: int, device: torch.device | None = None) -
     return (offsets[0] * resolution + offsets[1]).to(device)
 
 
+@register_notrace_module
 class CascadedGroupAttention(nn.Module):
     """Windowed cascaded group attention on an NCHW map.
 
@@ -45,6 +47,10 @@ class CascadedGroupAttention(nn.Module):
         resolution: window side in pixels (the attention biases cover its offsets).
         kernels: depthwise kernel size on the queries, one per head.
     """
+
+    # Inference biases per device (constant there). A run-time annotation (this module has no
+    # postponed annotations) so that TorchScript knows the type of the empty dict.
+    _bias_cache: dict[str, Tensor]
 
     def __init__(
         self,
@@ -90,7 +96,7 @@ class CascadedGroupAttention(nn.Module):
         self.resolution = resolution
         self._bias_cache = {}
 
-    def train(self, mode: bool = True) -> CascadedGroupAttention:
+    def train(self, mode: bool = True) -> "CascadedGroupAttention":
         self._bias_cache = {}
         return super().train(mode)
 
@@ -99,8 +105,9 @@ class CascadedGroupAttention(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def attention_bias(self) -> Tensor:
-        """(heads, N, N) biases of the window; cached in eval mode, where they are constant."""
-        if self.training or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        """(heads, N, N) biases of the window; cached for inference (eval mode, no gradient), where
+        they are constant."""
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing():
             return self.attention_biases[:, self.attention_bias_idxs]
         key = str(self.attention_biases.device)
         if key not in self._bias_cache:
@@ -127,12 +134,19 @@ class CascadedGroupAttention(nn.Module):
         return self.proj(torch.cat(outputs, dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
-        _, _, height, width = x.shape
+        batch, channels, height, width = x.shape
         r = self.resolution
         if height == r and width == r:
             return self.attend(x)
-        windows = window_partition(x.permute(0, 2, 3, 1), r)  # (B, nW, r*r, C)
-        batch, num_windows, _, channels = windows.shape
-        windows = windows.view(batch * num_windows, r, r, channels).permute(0, 3, 1, 2)
-        windows = self.attend(windows).permute(0, 2, 3, 1).reshape(batch, num_windows, r * r, channels)
-        return window_reverse(windows, r, height, width).permute(0, 3, 1, 2)
+        # Windows are cut from the channels-last view (free for channels-last maps) and handed to
+        # attend() as channels-last (B * num_windows, C, r, r) maps; row-major as in the reference.
+        x = x.permute(0, 2, 3, 1)
+        pad_h, pad_w = (r - height % r) % r, (r - width % r) % r
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        grid_h, grid_w = (height + pad_h) // r, (width + pad_w) // r
+        x = x.reshape(batch, grid_h, r, grid_w, r, channels).transpose(2, 3)
+        windows = x.reshape(batch * grid_h * grid_w, r, r, channels).permute(0, 3, 1, 2)
+        out = self.attend(windows).permute(0, 2, 3, 1).reshape(batch, grid_h, grid_w, r, r, channels)
+        out = out.transpose(2, 3).reshape(batch, grid_h * r, grid_w * r, channels)
+        return out[:, :height, :width].permute(0, 3, 1, 2)

@@ -18,9 +18,11 @@ module does that on the NCHW map itself: a free view splits H into (patches, p_h
 from __future__ import annotations
 
 import torch.nn.functional as F
+from timm.models import register_notrace_module
 from torch import Tensor, nn
 
 
+@register_notrace_module  # a torch.fx leaf: it checks the input size against the patch
 class LinearSelfAttention(nn.Module):
     """Separable self-attention over an NCHW map, one token set per position inside a patch.
 

@@ -22,6 +22,16 @@ def list_models(pattern: str = "") -> list[str]:
     ]
 
 
+def published_top1(name: str) -> float | None:
+    """ImageNet-1k top-1 (%) published for the weights ``name`` ("model.tag"; a bare model name
+    means its default weights), or None where none is recorded."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.has_weights:
+        return None
+    tagged = f"{cfg.architecture}.{cfg.tag}"
+    return {**efficientvit.PUBLISHED_TOP1, **mobilevitv2.PUBLISHED_TOP1}.get(tagged)
+
+
 def create_model(model_name: str, **kwargs) -> nn.Module:
     """``timm.create_model`` with this package's models registered; same arguments."""
     return timm.create_model(model_name, **kwargs)

@@ -26,12 +26,13 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from sepvit.errors import ConfigError
 from sepvit.layers.cascaded_group_attention import CascadedGroupAttention
-from sepvit.models.state_dicts import rename_key, unwrap_state_dict
+from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 from sepvit.utils.reparameterize import fuse_bn_linear, reparameterize
 
 __all__ = ["EfficientViT", "checkpoint_filter_fn"]
@@ -169,7 +170,7 @@ class EfficientViTStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and self.training:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
@@ -203,7 +204,8 @@ class EfficientViT(nn.Module):
         num_classes: classes of the head (0: no classifier).
         embed_dim, depth, num_heads, key_dim, window_size: per stage.
         kernels: depthwise kernel on the queries, per head.
-        global_pool: pooling of the head.
+        global_pool: pooling of the head ('' for none: with ``num_classes=0`` the model then
+            returns the final (B, C, H, W) map).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth on every residual branch, rising linearly over the blocks.
     """
@@ -227,6 +229,7 @@ class EfficientViT(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
+        self.output_fmt = "NCHW"
         self.window_size = tuple(window_size)
         self.patch_embed = nn.Sequential(
             ConvNormReLU(in_chans, embed_dim[0] // 8, 3, stride=2),
@@ -258,9 +261,8 @@ class EfficientViT(nn.Module):
             in_dim = embed_dim[i]
             self.feature_info.append(dict(num_chs=in_dim, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = in_dim
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = BatchNormLinear(in_dim, num_classes, drop_rate) if num_classes > 0 else nn.Identity()
+        self.num_features = in_dim
+        self.reset_classifier(num_classes, global_pool)
 
     def _window_resolutions(self, img_size: int | tuple[int, int]) -> list[int]:
         # The shorter side sets the windows, as in the reference.
@@ -300,12 +302,19 @@ class EfficientViT(nn.Module):
         return self.head.linear if isinstance(self.head, BatchNormLinear) else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none) on ``global_pool`` ('' for none; None: keep)."""
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        if num_classes > 0 and not pool_type:
+            raise ConfigError("a classifier needs pooled features: global_pool='' requires num_classes=0")
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        device = next(self.parameters()).device
-        head = BatchNormLinear(self.num_features, num_classes, self.drop_rate) if num_classes > 0 else None
-        self.head = head.to(device).train(self.training) if head is not None else nn.Identity()
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head = nn.Identity()
+        if num_classes > 0:
+            like = next(self.parameters())  # the new head takes the model's device and dtype
+            head = BatchNormLinear(self.head_hidden_size, num_classes, self.drop_rate)
+            self.head = head.to(device=like.device, dtype=like.dtype).train(self.training)
 
     def fuse(self) -> EfficientViT:
         """Deploy mode, in place: Conv+BN and the head's BN+Linear folded."""
@@ -340,8 +349,11 @@ class EfficientViT(nn.Module):
     ) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the head); returns the kept indices."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        pruned_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
-        if prune_head:
+        if pruned_end:  # the features now end at the last kept stage; a head sized for the old end goes
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or pruned_end:
             self.reset_classifier(0, "")
         return take_indices
 
@@ -391,6 +403,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: EfficientViT) -> 
 
 
 def _cfg(**kwargs) -> dict:
+    # Preprocessing of the published weights (timm's efficientvit_m* cfgs); any input size runs.
     return {
         "url": "",
         "num_classes": 1000,
@@ -404,6 +417,8 @@ def _cfg(**kwargs) -> dict:
         "classifier": "head.linear",
         "fixed_input_size": False,
         "license": "mit",
+        "paper_ids": "arXiv:2305.07027",
+        "origin_url": "https://github.com/microsoft/Cream/tree/main/EfficientViT",
         **kwargs,
     }
 
@@ -418,12 +433,21 @@ _VARIANTS = {
 }
 
 
-default_cfgs = generate_default_cfgs({f"sv_efficientvit_{v}": _cfg() for v in _VARIANTS})
+# ImageNet-1k weights of the paper's authors, published on the Hugging Face hub in timm's format.
+default_cfgs = generate_default_cfgs(
+    {f"sv_efficientvit_{v}.r224_in1k": _cfg(hf_hub_id=f"timm/efficientvit_{v}.r224_in1k") for v in _VARIANTS}
+)
+
+# ImageNet-1k top-1 (%) of those weights as the paper publishes them in its table of models.
+PUBLISHED_TOP1 = {
+    f"sv_efficientvit_{v}.r224_in1k": top1
+    for v, top1 in zip(_VARIANTS, (63.2, 68.4, 70.8, 73.4, 74.3, 77.1), strict=True)
+}
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> EfficientViT:
     model_args = dict(_VARIANTS[variant.rsplit("_", 1)[-1]], **kwargs)
-    return build_model_with_cfg(
+    return build_with_weights(
         EfficientViT,
         variant,
         pretrained,

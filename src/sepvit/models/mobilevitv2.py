@@ -18,12 +18,17 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, ConvMlp, ConvNormAct, DropPath, GroupNorm1, make_divisible
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_module,
+)
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from sepvit.layers.linear_attention import LinearSelfAttention
-from sepvit.models.state_dicts import rename_key, unwrap_state_dict
+from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 from sepvit.utils.reparameterize import reparameterize
 
 __all__ = ["MobileViTv2", "checkpoint_filter_fn"]
@@ -74,6 +79,7 @@ class LinearTransformerLayer(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+@register_notrace_module  # a torch.fx leaf: resizing depends on the input size
 class MobileViTv2Block(nn.Module):
     """Local (depthwise conv) then global (separable self-attention) representation of a map.
 
@@ -152,6 +158,7 @@ class MobileViTv2(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.output_fmt = "NCHW"
         self.grad_checkpointing = False
         channels = [int(c * width_multiplier) for c in (64, 128, 256, 384, 512)]
         num_residual = (1, 2, 1, 1, 1)  # inverted residual blocks per stage
@@ -242,7 +249,10 @@ class MobileViTv2(nn.Module):
         intermediates = []
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         for i, stage in enumerate(stages):
-            x = checkpoint_seq(stage, x) if self.grad_checkpointing and self.training else stage(x)
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -254,14 +264,18 @@ class MobileViTv2(nn.Module):
     ) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the head); returns the kept indices."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        pruned_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
-        if prune_head:
+        if pruned_end:  # the features now end at the last kept stage; a head sized for the old end goes
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.head.in_features = self.num_features
+        if prune_head or pruned_end:
             self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        if self.grad_checkpointing and self.training:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
@@ -299,6 +313,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
 
 def _cfg(**kwargs) -> dict:
+    # Preprocessing of the published weights (timm's mobilevitv2_* cfgs); any input size runs.
     return {
         "url": "",
         "num_classes": 1000,
@@ -311,18 +326,53 @@ def _cfg(**kwargs) -> dict:
         "first_conv": "stem.conv",
         "classifier": "head.fc",
         "fixed_input_size": False,
-        "license": "apple-ascl",
+        "license": "cvnets-license",
+        "paper_ids": "arXiv:2206.02680",
+        "origin_url": "https://github.com/apple/ml-cvnets",
         **kwargs,
     }
 
 
+WIDTHS = ("050", "075", "100", "125", "150", "175", "200")
+# Widths with ImageNet-21k-pretrained weights fine-tuned on ImageNet-1k (at 256 and at 384).
+_IN22K_WIDTHS = ("150", "175", "200")
+
+
+def _hub(width: str, tag: str) -> str:
+    return f"timm/mobilevitv2_{width}.{tag}"
+
+
+# The weights of the paper's authors (apple/ml-cvnets), published on the Hugging Face hub in timm's
+# format; the first tag of a model is its default.
 default_cfgs = generate_default_cfgs(
-    {f"sv_mobilevitv2_{w}": _cfg() for w in ("050", "075", "100", "125", "150", "175", "200")}
+    {
+        **{f"sv_mobilevitv2_{w}.cvnets_in1k": _cfg(hf_hub_id=_hub(w, "cvnets_in1k")) for w in WIDTHS},
+        **{
+            f"sv_mobilevitv2_{w}.cvnets_in22k_ft_in1k": _cfg(hf_hub_id=_hub(w, "cvnets_in22k_ft_in1k"))
+            for w in _IN22K_WIDTHS
+        },
+        **{
+            f"sv_mobilevitv2_{w}.cvnets_in22k_ft_in1k_384": _cfg(
+                hf_hub_id=_hub(w, "cvnets_in22k_ft_in1k_384"),
+                input_size=(3, 384, 384),
+                pool_size=(12, 12),
+                crop_pct=1.0,
+            )
+            for w in _IN22K_WIDTHS
+        },
+    }
 )
+
+# ImageNet-1k top-1 (%) at 256 of the ImageNet-1k weights as the paper publishes them; the paper's
+# summary this project ships gives no figure for the ImageNet-21k fine-tuned ones.
+PUBLISHED_TOP1 = {
+    f"sv_mobilevitv2_{w}.cvnets_in1k": top1
+    for w, top1 in zip(WIDTHS, (70.18, 75.56, 78.09, 79.65, 80.38, 80.84, 81.17), strict=True)
+}
 
 
 def _create(variant: str, width_multiplier: float, pretrained: bool = False, **kwargs) -> MobileViTv2:
-    return build_model_with_cfg(
+    return build_with_weights(
         MobileViTv2,
         variant,
         pretrained,

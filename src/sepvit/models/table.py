@@ -1,4 +1,5 @@
-"""``sepvit models``: every registered model with its parameters, GMACs and CPU forward time."""
+"""``sepvit models``: every registered model with its parameters, GMACs, CPU forward time, and the
+published weights it loads with ``pretrained=True`` (tag and published ImageNet-1k top-1)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import argparse
 import statistics
 import time
 
+import timm
 import torch
 
-from sepvit.models import create_model, list_models
+from sepvit.models import create_model, list_models, published_top1
 from sepvit.utils import count_macs, count_params
 
 
@@ -25,23 +27,37 @@ def forward_milliseconds(model: torch.nn.Module, image_size: int, repeats: int) 
     return 1000 * statistics.median(times)
 
 
+def _weights_cell(tagged_name: str) -> str:
+    tag = tagged_name.partition(".")[2]
+    top1 = published_top1(tagged_name) if tag != "-" else None
+    return f"{tag:<26}{top1 if top1 is not None else '-':>6}"
+
+
 def print_table(pattern: str, image_size: int, repeats: int) -> int:
     names = list_models(pattern)
     if not names:
         from sepvit.cli import CliError
 
         raise CliError(f"no model matches {pattern!r}; models: {', '.join(list_models())}")
-    header = f"{'model':<24}{'params (M)':>12}{'GMACs':>10}{'CPU ms (bs 1)':>16}"
+    header = (
+        f"{'model':<24}{'params (M)':>12}{'GMACs':>10}{'CPU ms (bs 1)':>16}   {'weights':<26}{'top-1':>6}"
+    )
     print(f"{header}   at {image_size}x{image_size}")
     for name in names:
         model = create_model(name).eval()
         macs = count_macs(model, (3, image_size, image_size))
         milliseconds = forward_milliseconds(model, image_size, repeats)
+        weights = timm.list_pretrained(name) or [f"{name}.-"]
         print(
-            f"{name:<24}{count_params(model) / 1e6:>12.2f}{macs / 1e9:>10.3f}{milliseconds:>16.1f}",
+            f"{name:<24}{count_params(model) / 1e6:>12.2f}{macs / 1e9:>10.3f}{milliseconds:>16.1f}"
+            f"   {_weights_cell(weights[0])}",
             flush=True,
         )
+        for tagged in weights[1:]:  # further published weights of the same model
+            print(f"{'':<65}{_weights_cell(tagged)}")
     print(f"(torch {torch.__version__}, {torch.get_num_threads()} threads; GMACs = FLOP counter total / 2)")
+    print("weights: tag of the published weights that pretrained=True loads (the first is the default),")
+    print("top-1: ImageNet-1k top-1 (%) their authors publish; '-': none published or not recorded")
     return 0
 
 
