@@ -91,13 +91,13 @@ def test_dsa_matches_reference(size):
     module = randomize(SeparableWindowAttention(16, 2, 7, (math.ceil(height / 7), math.ceil(width / 7))))
     x = torch.randn(2, height, width, 16)
     windows = window_partition(x, 7)
-    tokens = module.window_tokens_for(height, width).flatten(1, 2)[:, :, None].expand(2, -1, -1, -1)
+    tokens = module.window_tokens_for(x).flatten(1, 2)[:, :, None].expand(2, -1, -1, -1)
     z = torch.cat((tokens, windows), dim=2).flatten(0, 1)
     real = torch.zeros(math.ceil(height / 7) * 7, math.ceil(width / 7) * 7, dtype=torch.bool)
     real[:height, :width] = True
     real_windows = window_partition(real[None, :, :, None], 7)[0, :, :, 0]
     key_mask = F.pad(real_windows, (1, 0), value=True).repeat(2, 1)
-    got = swa.depthwise_self_attention(z, module.qkv, 2, key_mask)
+    got = module.depthwise(z, key_mask)
     expected = torch.stack(
         [reference_attention(g, module.qkv.weight, module.qkv.bias, 2, m) for g, m in zip(z, key_mask)]
     )
@@ -130,7 +130,7 @@ def test_separable_attention_matches_reference(window_size, size):
     grid = (math.ceil(size[0] / window_size), math.ceil(size[1] / window_size))
     module = randomize(SeparableWindowAttention(16, 2, window_size, grid))
     x = torch.randn(2, *size, 16)
-    tokens = module.window_tokens_for(*size)
+    tokens = module.window_tokens_for(x)
     torch.testing.assert_close(module(x, tokens), reference_separable(module, x), **TOL)
 
 
@@ -155,7 +155,8 @@ def test_padded_pixels_get_zero_attention_weight(monkeypatch):
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(swa.F, "scaled_dot_product_attention", recording_sdpa)
-    module(torch.randn(1, 10, 17, 8), module.window_tokens_for(10, 17))
+    x = torch.randn(1, 10, 17, 8)
+    module(x, module.window_tokens_for(x))
     q, k, mask = calls[0]  # the DSA call; PSA attends among whole windows
     assert mask is not None and mask.shape == (6, 1, 1, 50)
     padded_pixels = 2 * 7 * 3 * 7 - 10 * 17
@@ -170,7 +171,7 @@ def test_real_pixels_do_not_see_padding_values():
     """Real outputs are unchanged whatever the padded region holds (its values are zeroed for PSA)."""
     module = randomize(SeparableWindowAttention(8, 2, 7, (2, 3)))
     x = torch.randn(1, 14, 21, 8)
-    tokens = module.window_tokens_for(10, 17)
+    tokens = module.window_tokens_for(x[:, :10, :17])
     reference = module(x[:, :10, :17], tokens)
     altered = x.clone()
     altered[:, 10:, :] = 100.0
@@ -187,7 +188,7 @@ def test_pooled_window_representations(representation):
     module = randomize(SeparableWindowAttention(8, 2, 7, (2, 2), window_representation=representation))
     assert module.window_tokens is None
     x = torch.randn(1, 14, 14, 8)
-    z = swa.depthwise_self_attention(window_partition(x, 7).flatten(0, 1), module.qkv, 2).view(1, 4, 49, 8)
+    z = module.depthwise(window_partition(x, 7).flatten(0, 1)).view(1, 4, 49, 8)
     if representation == "avgpool":
         expected = z.mean(dim=2)
     else:
@@ -202,15 +203,15 @@ def test_pooled_window_representations(representation):
 def test_zero_window_tokens_are_fixed():
     module = SeparableWindowAttention(8, 2, 7, (2, 2), window_token="zero")
     assert module.window_tokens is None
-    tokens = module.window_tokens_for(14, 14)
+    tokens = module.window_tokens_for(torch.zeros(1, 14, 14, 8))
     assert tokens.shape == (1, 2, 2, 8) and torch.count_nonzero(tokens) == 0
 
 
 def test_window_tokens_resize_to_the_grid():
     module = randomize(SeparableWindowAttention(8, 2, 7, (2, 2)))
-    same = module.window_tokens_for(14, 14)
+    same = module.window_tokens_for(torch.zeros(1, 14, 14, 8))
     torch.testing.assert_close(same, module.window_tokens)
-    bigger = module.window_tokens_for(28, 21)
+    bigger = module.window_tokens_for(torch.zeros(1, 28, 21, 8))
     assert bigger.shape == (1, 4, 3, 8)
     grid = bigger[0]
     tokens = module.window_tokens[0]
