@@ -219,38 +219,8 @@ class SepViT(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            self._build(
-                img_size, in_chans, num_classes, global_pool, embed_dims, depths, num_heads, window_size,
-                block_plan, window_token, window_representation, mlp_ratio, qkv_bias, drop_rate,
-                attn_drop_rate, drop_path_rate,
-            )  # fmt: skip
-        if dtype is not None:
-            self.to(dtype)
-
-    def _build(
-        self,
-        img_size: int | tuple[int, int],
-        in_chans: int,
-        num_classes: int,
-        global_pool: str,
-        embed_dims: tuple[int, ...],
-        depths: tuple[int, ...],
-        num_heads: tuple[int, ...],
-        window_size: int,
-        block_plan: str,
-        window_token: WindowToken,
-        window_representation: WindowRepresentation,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        drop_rate: float,
-        attn_drop_rate: float,
-        drop_path_rate: float,
-    ) -> None:
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', not {global_pool!r}")
         self.num_classes = num_classes
@@ -458,17 +428,26 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: SepViT) -> dic
     }
 
 
-def _create_sepvit(variant: str, pretrained: bool = False, **kwargs) -> SepViT:
+def _create_sepvit(
+    variant: str,
+    pretrained: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+) -> SepViT:
+    """``device`` (``"meta"`` builds without storage) and ``dtype`` are timm's factory options."""
     feature_cfg = dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
-    return build_model_with_cfg(
-        SepViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            SepViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
+    return model if dtype is None else model.to(dtype)
 
 
 def _cfg(**kwargs) -> dict:
