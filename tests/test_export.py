@@ -19,7 +19,7 @@ from sepvit.export import (
     prepare_deploy,
 )
 from sepvit.export.cli import register
-from sepvit.layers.tracing import exporting
+from sepvit.layers import Linear
 
 
 @torch.library.custom_op("sepvit_test::twist", mutates_args=())
@@ -176,14 +176,11 @@ def test_unknown_model_lists_close_matches(tmp_path):
         run_cli("export", "sepvit_litee", "-o", str(tmp_path / "x.onnx"))
 
 
-def test_export_forms_only_while_torch_export_traces():
-    """The ONNX-friendly forms are for torch.export alone: never in eager code or under torch.compile."""
-
-    class Probe(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + float(exporting())
-
-    x = torch.zeros(1)
-    assert Probe()(x).item() == 0
-    assert torch.compile(Probe(), backend="eager", fullgraph=True)(x).item() == 0
-    assert torch.export.export(Probe(), (x,), strict=False).module()(x).item() == 1
+@pytest.mark.slow
+def test_export_forms_go_to_a_copy_only(sepvit_lite_onnx):
+    """export_onnx prepares a copy in the export forms; the model itself keeps its plain layers."""
+    model = sepvit_lite_onnx[0]
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert linears and all(type(module) in (Linear, nn.Linear) for module in linears)
+    assert not [module for module in model.modules() if type(module).__name__.startswith("Export")]
+    assert not [module for module in model.modules() if getattr(module, "size_independent", False)]

@@ -185,34 +185,6 @@ def test_checkpoint_filter_resizes_window_tokens():
     assert missing and all(".attn.psa." in name or name.endswith("window_tokens") for name in missing)
 
 
-def test_loads_an_official_checkpoint_and_gives_the_same_outputs():
-    torch.manual_seed(0)
-    model = timm.create_model("sepvit_lite").eval()
-    renames = [
-        (r"^stages\.(\d+)\.downsample\.", r"patch_embeds.\1."),
-        (r"^stages\.(\d+)\.pos_embed\.proj\.", r"pos_block.\1.proj.0."),
-        (r"^stages\.(\d+)\.blocks\.(\d+)\.attn\.window_tokens$", r"blocks.\1.\2.win_tokens"),
-        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2."),
-        (r"\.attn\.qkv\.", ".attn.DSA_qkv."),
-        (r"\.attn\.psa\.norm\.", ".attn.win_tokens_norm."),
-        (r"\.attn\.psa\.qk\.", ".attn.PSA_qk."),
-        (r"^head\.fc\.", "head."),
-    ]
-    official = {}
-    for key, value in model.state_dict().items():
-        value = torch.randn_like(value) if key.endswith("window_tokens") else value
-        model.state_dict()[key].copy_(value)
-        for pattern, replacement in renames:
-            key = re.sub(pattern, replacement, key)
-        # The official code stores tokens as (1, windows, 1, C).
-        official[key] = value.reshape(1, -1, 1, value.shape[-1]) if key.endswith("win_tokens") else value
-    loaded = timm.create_model("sepvit_lite").eval()
-    loaded.load_state_dict(checkpoint_filter_fn({"state_dict": official}, loaded))
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x))
-
-
 def test_zero_window_tokens_option_has_no_token_parameters():
     model = on_meta("sepvit_tiny", window_token="zero")
     assert not [name for name, _ in model.named_parameters() if "window_tokens" in name]
@@ -235,3 +207,40 @@ def test_torch_compile_fullgraph_matches_eager():
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_timm_contract_output_format_meta_device_and_pruning():
+    model = timm.create_model("sepvit_tiny", device="meta", dtype=torch.bfloat16)
+    assert model.output_fmt == "NHWC" and model.in_chans == 3
+    assert {param.device.type for param in model.parameters()} == {"meta"}
+    assert {param.dtype for param in model.parameters()} == {torch.bfloat16}
+    model.reset_classifier(5)
+    assert model.head.fc.weight.device.type == "meta" and model.head.fc.weight.dtype == torch.bfloat16
+
+    model = timm.create_model("sepvit_lite").eval()
+    x = torch.randn(1, 3, 64, 96)
+    assert model.prune_intermediate_layers([1]) == [1]
+    assert model.num_features == model.head_hidden_size == 64
+    with torch.no_grad():
+        assert model(x).shape == (1, 8, 12, 64)  # the features of stage 2, no pooling or head left
+        model.reset_classifier(3, "avg")
+        assert model(x).shape == (1, 3)
+
+
+@pytest.mark.slow
+def test_torchscript_and_fx_features_match_eager():
+    def build(**kwargs) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("sepvit_lite", **kwargs).eval()
+
+    x = torch.randn(1, 3, 97, 131)  # windows overhang the maps: padding, masks, resized tokens
+    model = build()
+    with timm.layers.set_layer_config(scriptable=True):
+        scripted = torch.jit.script(build())
+    getter, fx = build(features_only=True), build(features_only=True, feature_cls="fx")
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+        fx_maps, getter_maps = fx(x), getter(x)
+        assert [m.shape[1] for m in fx_maps] == [32, 64, 128, 256]
+        for fx_map, getter_map in zip(fx_maps, getter_maps, strict=True):
+            torch.testing.assert_close(fx_map, getter_map)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sepvit.layers import prepare_for
+
 BACKENDS = ("eager", "compile", "onnxruntime")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPREAD_WARNING = 0.15  # (max − min) / median of the rounds
@@ -136,6 +138,8 @@ class Runner:
             model = model.to(memory_format=torch.channels_last)
         if self.subject.backend == "compile":
             model = torch.compile(model)
+        elif self.device.type == "cpu":
+            prepare_for(model, "cpu_inference")  # as a user runs eager CPU inference
         self._dtype = dtype
 
         def call(inputs):

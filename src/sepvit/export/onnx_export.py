@@ -10,7 +10,6 @@ operator and the module.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import re
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sepvit.layers.windows import fixed_input_size
+from sepvit.layers import prepare_for
 from sepvit.utils.extras import require
 
 # Operators every ONNX runtime implements: dense algebra, elementwise math, normalisation, shape
@@ -186,19 +185,17 @@ def export_onnx(
 
     name = name or type(model).__name__
     path = Path(path)
-    model = copy.deepcopy(model).eval()
+    # The copy's layers take the forms ONNX Runtime fuses; a fixed-size export lets size-dependent
+    # code (window padding and masks) drop what that size does not need.
+    model = prepare_for(copy.deepcopy(model).eval(), "export", dynamic_size=dynamic_size)
     dtype = torch.float16 if fp16 else torch.float32
     model = model.to(dtype)
     example = torch.randn(example_batch, *input_shape, dtype=dtype)
     axes = {0: Dim("batch", min=1, max=4096)}
     if dynamic_size:
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
-    # A fixed-size export lets size-dependent code (window padding and masks) drop what that size
-    # does not need.
-    size_scope = contextlib.nullcontext() if dynamic_size else fixed_input_size()
     try:
-        with size_scope:
-            program = torch.export.export(model, (example,), dynamic_shapes=(axes,), strict=False)
+        program = torch.export.export(model, (example,), dynamic_shapes=(axes,), strict=False)
     except Exception as error:
         raise ExportError(
             f"{name}: torch.export failed at {_user_frame(error)}: {_first_line(error)}"

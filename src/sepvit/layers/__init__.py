@@ -1,26 +1,31 @@
-"""Reusable attention blocks, each mirroring its paper's equations."""
+"""Reusable attention blocks, each mirroring its paper's equations, and the forms they run in."""
 
 from sepvit.layers.cascaded_group_attention import CascadedGroupAttention
-from sepvit.layers.fused_linear import FusedLinear, FusedMlp
+from sepvit.layers.forms import FORMS, prepare_for
+from sepvit.layers.fused_linear import Gelu, Linear, Mlp, ScaledDotProductAttention
 from sepvit.layers.linear_attention import LinearSelfAttention
 from sepvit.layers.separable_window_attention import (
+    DepthwiseSelfAttention,
     GlobalSelfAttention,
     PointwiseSelfAttention,
     SeparableWindowAttention,
-    depthwise_self_attention,
 )
 from sepvit.layers.windows import grid_size, window_padding_mask, window_partition, window_reverse
 
 __all__ = [
+    "FORMS",
     "CascadedGroupAttention",
-    "FusedLinear",
-    "FusedMlp",
+    "DepthwiseSelfAttention",
+    "Gelu",
     "GlobalSelfAttention",
+    "Linear",
     "LinearSelfAttention",
+    "Mlp",
     "PointwiseSelfAttention",
+    "ScaledDotProductAttention",
     "SeparableWindowAttention",
-    "depthwise_self_attention",
     "grid_size",
+    "prepare_for",
     "window_padding_mask",
     "window_partition",
     "window_reverse",

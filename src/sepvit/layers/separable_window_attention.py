@@ -1,7 +1,9 @@
 """Depthwise separable self-attention of SepViT (Li et al., "SepViT: Separable Vision Transformer").
 
-* DSA, Eq. (1) and (3): multi-head self-attention inside each M×M window over its pixel tokens and
-  the window's token, plus the (normed) input: ``Attention(zW_Q, zW_K, zW_V) + z``.
+* DSA, Eq. (1), (3), (5) and (6): multi-head self-attention inside each M×M window over its pixel
+  tokens and the window's token, both through the block's first LayerNorm, plus that normalised
+  input: ``Attention(zW_Q, zW_K, zW_V) + z`` with ``z = LN(Concat(pixels, wt))``; the slice of
+  Eq. (7) hands the normalised-then-attended token on to PSA.
 * PSA, Eq. (2), (4) and (7): the window tokens, through LayerNorm and GELU, give queries and keys;
   the DSA feature maps of every window are the values, with no projection; attention runs among the
   N windows and adds its input: ``Attention(GELU(LN(wt))W_Q, GELU(LN(wt))W_K, z) + z``.
@@ -11,7 +13,15 @@
 
 Inputs and outputs are channels-last maps (B, H, W, C) of any size: windows that overhang the map
 are zero-padded, padded pixels are masked out of DSA (never attended to) and contribute nothing to
-PSA (their values are zeroed), and are cropped away at the end.
+PSA (their values are zeroed), and are cropped away at the end. Eager code pads, masks and resizes
+the window tokens only where a map needs it; a model prepared for a size-independent export
+(:func:`sepvit.layers.prepare_for`) always does, as no-ops where nothing needs it, so that one
+exported graph holds for every input size.
+
+The linear layers and the attention kernel are the plain forms of :mod:`sepvit.layers.fused_linear`;
+:func:`~sepvit.layers.prepare_for` swaps them for their CPU-inference or export forms, so the
+code below is the one path of every form. ``torch.fx`` treats :class:`SeparableWindowAttention` as
+a leaf (its window grid depends on the map size).
 """
 
 from __future__ import annotations
@@ -20,17 +30,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
-from sepvit.layers.fused_linear import FusedLinear, Gelu
-from sepvit.layers.tracing import exporting
-from sepvit.layers.windows import (
-    grid_size,
-    shape_independent_graph,
-    window_padding_mask,
-    window_partition,
-    window_reverse,
-)
+from sepvit.layers.fused_linear import Gelu, Linear, ScaledDotProductAttention
+from sepvit.layers.windows import grid_size, window_padding_mask, window_partition, window_reverse
 
 WindowToken = Literal["learnable", "zero"]
 WindowRepresentation = Literal["token", "avgpool", "dwconv"]
@@ -38,69 +42,12 @@ WindowRepresentation = Literal["token", "avgpool", "dwconv"]
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(..., L, C) -> (..., heads, L, C / heads)."""
-    *batch, length, channels = x.shape
-    return x.view(*batch, length, num_heads, channels // num_heads).transpose(-2, -3)
-
-
-def project_heads(x: Tensor, layer: nn.Linear, parts: int, num_heads: int) -> tuple[Tensor, ...]:
-    """``layer(x)`` cut into ``parts`` (queries, keys, ...), each head-major: (..., heads, L, C / heads).
-
-    ``x`` is (..., L, C). Under export each part is its own 2-D product (an ONNX ``Gemm``), which
-    spares ONNX Runtime the copy that splitting one wide output costs.
-    """
-    if exporting():
-        flat = x.reshape(-1, x.shape[-1])
-        width = layer.out_features // parts
-        projected = []
-        for start in range(0, layer.out_features, width):
-            rows = slice(start, start + width)  # a slice, not chunk(): the exporter folds it into a weight
-            bias = None if layer.bias is None else layer.bias[rows]
-            part = F.linear(flat, layer.weight[rows], bias).view(*x.shape[:-1], width)
-            projected.append(split_heads(part, num_heads))
-        return tuple(projected)
-    out = layer(x).view(*x.shape[:-1], parts, num_heads, -1)  # (..., L, parts, heads, C / heads)
-    return out.movedim(-3, 0).transpose(-2, -3).unbind(0)
+    return x.unflatten(-1, (num_heads, -1)).transpose(-2, -3)
 
 
 def merge_heads(x: Tensor) -> Tensor:
     """(..., heads, L, D) -> (..., L, heads * D)."""
-    *batch, heads, length, head_dim = x.shape
-    return x.transpose(-2, -3).reshape(*batch, length, heads * head_dim)
-
-
-def scaled_dot_product_attention(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
-) -> Tensor:
-    """``softmax(q kᵀ / √d) v``, with ``attn_mask`` marking (True) the keys each query may attend to.
-
-    Runs PyTorch's fused kernels, except under ``torch.export``: there it is written out as two
-    products and a softmax, which ONNX Runtime runs faster than the exported SDPA (it folds the
-    transposed keys into its MatMul, and the graph has a fifth fewer nodes).
-    """
-    if not exporting():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
-def depthwise_self_attention(
-    z: Tensor,
-    qkv: nn.Linear,
-    num_heads: int,
-    key_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> Tensor:
-    """DSA, Eq. (1): ``Attention(zW_Q, zW_K, zW_V) + z`` over the tokens of each group.
-
-    ``z`` is (G, L, C) for G independent groups (windows) of L tokens; ``key_mask`` (G, L) marks the
-    tokens that may be attended to (None: all of them).
-    """
-    q, k, v = project_heads(z, qkv, 3, num_heads)
-    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)
-    return merge_heads(out) + z
+    return x.transpose(-2, -3).flatten(-2)
 
 
 def linear_resize_matrix(new_size: int, old_size: int, device: torch.device) -> Tensor:
@@ -123,11 +70,29 @@ def resize_token_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     """Bilinear resizing of a token grid (B, rows, cols, C) to ``grid``, as position embeddings are."""
     rows = linear_resize_matrix(grid[0], tokens.shape[1], tokens.device).to(tokens.dtype)
     cols = linear_resize_matrix(grid[1], tokens.shape[2], tokens.device).to(tokens.dtype)
-    return torch.einsum("ih,bhwc,jw->bijc", rows, tokens, cols)
+    return torch.einsum("ih,bhwc,jw->bijc", [rows, tokens, cols])
 
 
-class GlobalSelfAttention(nn.Module):
-    """Eq. (1) over the whole map, then the output projection: a block that holds a single window."""
+def window_token_grid(tokens: Tensor | None, x: Tensor, window_size: int, always_resize: bool) -> Tensor:
+    """Eq. (5)'s window tokens for the map ``x`` (B, H, W, C): (1, rows, cols, C) of its window grid.
+
+    ``tokens`` (1, rows', cols', C) are resized bilinearly when the grids differ (or always, for a
+    size-independent export); None stands for fixed zero tokens.
+    """
+    rows, cols = grid_size(x.shape[1], x.shape[2], window_size)
+    if tokens is None:
+        return x.new_zeros(1, rows, cols, x.shape[3])
+    if always_resize or tokens.shape[1] != rows or tokens.shape[2] != cols:
+        return resize_token_grid(tokens, (rows, cols))
+    return tokens
+
+
+# One node in torch.fx graphs, wherever it is called from (the grid depends on the map size).
+torch.fx.wrap("window_token_grid")
+
+
+class DepthwiseSelfAttention(nn.Module):
+    """DSA, Eq. (1), over groups of tokens, and the output projection; the base of both block attentions."""
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
@@ -137,17 +102,39 @@ class GlobalSelfAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.qkv = FusedLinear(dim, dim * 3, bias=qkv_bias)
-        self.proj = FusedLinear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.attend = ScaledDotProductAttention()
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, channels = x.shape
+    def depthwise(self, z: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``Attention(zW_Q, zW_K, zW_V) + z`` within each group: ``z`` (G, L, C) holds G groups of L
+        tokens; ``key_mask`` (G, L) marks the tokens that may be attended to (None: all)."""
+        q, k, v = self.qkv.forward_parts(z, 3)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         dropout_p = self.attn_drop if self.training else 0.0
-        z = depthwise_self_attention(
-            x.reshape(batch, height * width, channels), self.qkv, self.num_heads, dropout_p=dropout_p
+        out = self.attend(
+            split_heads(q, self.num_heads),
+            split_heads(k, self.num_heads),
+            split_heads(v, self.num_heads),
+            attn_mask,
+            dropout_p,
         )
-        return self.proj_drop(self.proj(z)).view(batch, height, width, channels)
+        return merge_heads(out) + z
+
+    def window_tokens_for(self, x: Tensor) -> Tensor | None:
+        """Eq. (5)'s window tokens for the map ``x`` (1, rows, cols, C), before the block's LayerNorm;
+        None where the block has none."""
+        return None
+
+
+class GlobalSelfAttention(DepthwiseSelfAttention):
+    """Eq. (1) over the whole map, then the output projection: a block that holds a single window."""
+
+    def forward(self, x: Tensor, window_tokens: Tensor | None = None) -> Tensor:
+        """``x`` is LN(z), (B, H, W, C); there are no window tokens (``window_tokens`` is None)."""
+        z = self.depthwise(x.flatten(1, 2))
+        return self.proj_drop(self.proj(z)).view_as(x)
 
 
 class PointwiseSelfAttention(nn.Module):
@@ -159,7 +146,8 @@ class PointwiseSelfAttention(nn.Module):
         self.attn_drop = attn_drop
         self.norm = nn.LayerNorm(dim)
         self.act = Gelu()
-        self.qk = FusedLinear(dim, dim * 2, bias=qkv_bias)
+        self.qk = Linear(dim, dim * 2, bias=qkv_bias)
+        self.attend = ScaledDotProductAttention()
 
     def forward(self, window_tokens: Tensor, windows: Tensor) -> Tensor:
         """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> head-major (B, heads, N, P, C / heads).
@@ -169,16 +157,19 @@ class PointwiseSelfAttention(nn.Module):
         """
         batch, num_windows, pixels, channels = windows.shape
         head_dim = channels // self.num_heads
-        q, k = project_heads(self.act(self.norm(window_tokens)), self.qk, 2, self.num_heads)
+        q, k = self.qk.forward_parts(self.act(self.norm(window_tokens)), 2)
         # Each head's values are its channel slice of every pixel of the window, flattened.
         v = windows.view(batch, num_windows, pixels, self.num_heads, head_dim).permute(0, 3, 1, 2, 4)
         v = v.reshape(batch, self.num_heads, num_windows, pixels * head_dim)
         # The scale is the DSA one (head_dim ** -0.5), which SDPA takes from the query width.
-        out = scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0) + v
+        dropout_p = self.attn_drop if self.training else 0.0
+        q, k = split_heads(q, self.num_heads), split_heads(k, self.num_heads)
+        out = self.attend(q, k, v, None, dropout_p) + v
         return out.view(batch, self.num_heads, num_windows, pixels, head_dim)
 
 
-class SeparableWindowAttention(nn.Module):
+@register_notrace_module  # the window grid, padding and masks depend on the map size
+class SeparableWindowAttention(DepthwiseSelfAttention):
     """Depthwise separable self-attention (DSSA; GSA with a 2M window), Eq. (5)–(8) up to the residual.
 
     Args:
@@ -207,20 +198,17 @@ class SeparableWindowAttention(nn.Module):
         window_token: WindowToken = "learnable",
         window_representation: WindowRepresentation = "token",
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         if window_token not in ("learnable", "zero"):
             raise ValueError(f"window_token must be 'learnable' or 'zero', not {window_token!r}")
         if window_representation not in ("token", "avgpool", "dwconv"):
             raise ValueError(
                 f"window_representation must be 'token', 'avgpool' or 'dwconv', not {window_representation!r}"
             )
-        self.num_heads = num_heads
         self.window_size = window_size
-        self.attn_drop = attn_drop
         self.window_representation = window_representation
-        self.qkv = FusedLinear(dim, dim * 3, bias=qkv_bias)
+        # True in a model prepared for a size-independent export: pad, mask and resize at every size.
+        self.size_independent = False
         self.window_tokens = None
         if window_representation == "token" and window_token == "learnable":
             self.window_tokens = nn.Parameter(torch.zeros(1, *grid_size, dim))
@@ -228,17 +216,17 @@ class SeparableWindowAttention(nn.Module):
         if window_representation == "dwconv":
             self.window_pool = nn.Conv2d(dim, dim, window_size, groups=dim)
         self.psa = PointwiseSelfAttention(dim, num_heads, qkv_bias, attn_drop)
-        self.proj = FusedLinear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
-    def tokens_for_grid(self, batch: int, grid: tuple[int, int], like: Tensor) -> Tensor:
-        """Window tokens for a window grid, (B, N, 1, C)."""
-        if self.window_tokens is None:
-            return like.new_zeros(batch, grid[0] * grid[1], 1, like.shape[-1])
-        tokens = self.window_tokens
-        if shape_independent_graph() or tuple(tokens.shape[1:3]) != grid:
-            tokens = resize_token_grid(tokens, grid)
-        return tokens.reshape(1, grid[0] * grid[1], 1, -1).expand(batch, -1, -1, -1).to(like.dtype)
+    def window_tokens_for(self, x: Tensor) -> Tensor | None:
+        """Eq. (5)'s ``wt`` for the map ``x``, (1, rows, cols, C), before the block's LayerNorm.
+
+        Learnable tokens are resized to the map's window grid when it differs from the build grid;
+        ``window_token="zero"`` gives zeros (so DSA sees LN(0), the norm's bias); the pooled
+        representations have no token (None).
+        """
+        if self.window_representation != "token":
+            return None
+        return window_token_grid(self.window_tokens, x, self.window_size, self.size_independent)
 
     def pooled_representation(self, windows: Tensor, pixel_mask: Tensor | None) -> Tensor:
         """Table 6 alternatives to window tokens: (B, N, P, C) DSA output -> (B, N, C)."""
@@ -246,39 +234,47 @@ class SeparableWindowAttention(nn.Module):
             windows = windows * pixel_mask[:, :, None]
         if self.window_pool is not None:
             weight = self.window_pool.weight.flatten(1)  # (C, M*M): one M×M filter per channel
-            return torch.einsum("bnpc,cp->bnc", windows, weight) + self.window_pool.bias
+            return torch.einsum("bnpc,cp->bnc", [windows, weight]) + self.window_pool.bias
         if pixel_mask is None:
             return windows.mean(dim=2)
         return windows.sum(dim=2) / pixel_mask.sum(dim=1, keepdim=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, window_tokens: Tensor | None = None) -> Tensor:
+        """Eq. (5)–(8) up to the block residual, on the block's LayerNorm outputs.
+
+        ``x`` is LN(z), (B, H, W, C); ``window_tokens`` is LN(wt), (1, rows, cols, C), of
+        :meth:`window_tokens_for` (None for the pooled representations). LayerNorm acts token by
+        token, so LN(Concat(z, wt)) of Eq. (5)–(6) is Concat(LN(z), LN(wt)).
+        """
         batch, height, width, channels = x.shape
-        grid = grid_size(height, width, self.window_size)
-        num_windows = grid[0] * grid[1]
-        windows = window_partition(x, self.window_size)  # (B, N, P, C)
-        padded = grid[0] * self.window_size != height or grid[1] * self.window_size != width
-        pixel_mask = None
-        if shape_independent_graph() or padded:
+        rows, cols = grid_size(height, width, self.window_size)
+        num_windows = rows * cols
+        windows = window_partition(x, self.window_size, self.size_independent)  # (B, N, P, C)
+        pixel_mask: Tensor | None = None
+        if self.size_independent or rows * self.window_size != height or cols * self.window_size != width:
             pixel_mask = window_padding_mask(height, width, self.window_size, x.device)
 
         with_token = self.window_representation == "token"
-        z = torch.cat((self.tokens_for_grid(batch, grid, x), windows), dim=2) if with_token else windows
-        key_mask = None
+        z = windows
+        if with_token:
+            if window_tokens is None:
+                raise ValueError("window_representation='token' needs the normalised window tokens")
+            tokens = window_tokens.to(x.dtype).reshape(1, num_windows, 1, channels)
+            z = torch.cat((tokens.expand(batch, -1, -1, -1), windows), dim=2)  # Eq. (5)
+        key_mask: Tensor | None = None
         if pixel_mask is not None:
             key_mask = F.pad(pixel_mask, (1, 0), value=True) if with_token else pixel_mask
             key_mask = key_mask.repeat(batch, 1)
-        dropout_p = self.attn_drop if self.training else 0.0
-        z = depthwise_self_attention(z.flatten(0, 1), self.qkv, self.num_heads, key_mask, dropout_p)
-        z = z.view(batch, num_windows, -1, channels)
+        z = self.depthwise(z.flatten(0, 1), key_mask).view(batch, num_windows, -1, channels)
 
-        if with_token:
-            window_tokens, windows = z[:, :, 0], z[:, :, 1:]
+        if with_token:  # Eq. (7): Slice
+            representation, windows = z[:, :, 0], z[:, :, 1:]
         else:
             windows = z
-            window_tokens = self.pooled_representation(windows, pixel_mask)
+            representation = self.pooled_representation(windows, pixel_mask)
         if pixel_mask is not None:  # padded pixels must add nothing to other windows in PSA
             windows = windows * pixel_mask[:, :, None]
         out = window_reverse(
-            self.psa(window_tokens, windows), self.window_size, height, width, heads_first=True
+            self.psa(representation, windows), self.window_size, height, width, self.size_independent, True
         )
         return self.proj_drop(self.proj(out))

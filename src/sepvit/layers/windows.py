@@ -5,42 +5,16 @@ Windows are numbered row-major over the window grid, pixels row-major inside a w
 height or width is not a multiple of the window size are padded at the bottom and right; the padded
 pixels are marked in :func:`window_padding_mask` so that attention can ignore them.
 
-Eager and compiled code skip the padding and cropping steps when a map fits the windows exactly.
-While ``torch.export`` traces a model (ONNX export included) they always run, as no-ops where
-nothing needs padding, so that the exported graph holds for every input size, not only the traced
-one; an export for one fixed input size says so with :func:`fixed_input_size` and gets the lean
-graph of that size.
+Padding and cropping run only where a map needs them, unless ``size_independent`` asks for them at
+every size (as no-ops where nothing needs padding): a graph traced that way, for a size-independent
+export, holds for every input size, not only the traced one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from sepvit.layers.tracing import exporting
-
-_FIXED_INPUT_SIZE = contextvars.ContextVar("sepvit_fixed_input_size", default=False)
-
-
-@contextlib.contextmanager
-def fixed_input_size() -> Iterator[None]:
-    """Graphs traced inside this block serve only the traced height and width."""
-    token = _FIXED_INPUT_SIZE.set(True)
-    try:
-        yield
-    finally:
-        _FIXED_INPUT_SIZE.reset(token)
-
-
-def shape_independent_graph() -> bool:
-    """True while the graph must not depend on the input size: under ``torch.export``, unless the
-    export is for one input size (:func:`fixed_input_size`)."""
-    return exporting() and not _FIXED_INPUT_SIZE.get()
 
 
 def grid_size(height: int, width: int, window_size: int) -> tuple[int, int]:
@@ -49,19 +23,24 @@ def grid_size(height: int, width: int, window_size: int) -> tuple[int, int]:
     return (height + window_size - 1) // window_size, (width + window_size - 1) // window_size
 
 
-def window_partition(x: Tensor, window_size: int) -> Tensor:
+def window_partition(x: Tensor, window_size: int, size_independent: bool = False) -> Tensor:
     """(B, H, W, C) -> (B, num_windows, window_size**2, C), zero-padding the bottom and right edges."""
     batch, height, width, channels = x.shape
     grid_h, grid_w = grid_size(height, width, window_size)
     pad_h, pad_w = grid_h * window_size - height, grid_w * window_size - width
-    if shape_independent_graph() or pad_h or pad_w:
+    if size_independent or pad_h > 0 or pad_w > 0:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     x = x.view(batch, grid_h, window_size, grid_w, window_size, channels).transpose(2, 3)
     return x.reshape(batch, grid_h * grid_w, window_size * window_size, channels)
 
 
 def window_reverse(
-    windows: Tensor, window_size: int, height: int, width: int, heads_first: bool = False
+    windows: Tensor,
+    window_size: int,
+    height: int,
+    width: int,
+    size_independent: bool = False,
+    heads_first: bool = False,
 ) -> Tensor:
     """Inverse of :func:`window_partition`: (B, num_windows, window_size**2, C) -> (B, H, W, C).
 
@@ -75,7 +54,7 @@ def window_reverse(
     else:  # (B, gh, gw, M, M, C) -> (B, gh, M, gw, M, C)
         x = windows.unflatten(2, (window_size, window_size)).unflatten(1, (grid_h, grid_w)).transpose(2, 3)
     x = x.reshape(windows.shape[0], grid_h * window_size, grid_w * window_size, -1)
-    if shape_independent_graph() or grid_h * window_size != height or grid_w * window_size != width:
+    if size_independent or grid_h * window_size != height or grid_w * window_size != width:
         x = x[:, :height, :width]
     return x
 

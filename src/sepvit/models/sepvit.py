@@ -20,8 +20,7 @@ to give every block that has several windows there its own PSA; :func:`checkpoin
 resizes a 224 checkpoint's window tokens to the new grid.
 """
 
-from __future__ import annotations
-
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -33,7 +32,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sepvit.layers import FusedMlp, GlobalSelfAttention, SeparableWindowAttention, grid_size
+from sepvit.layers import GlobalSelfAttention, Mlp, SeparableWindowAttention, grid_size
 from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
 from sepvit.models.state_dicts import rename_key, unwrap_state_dict
 
@@ -83,7 +82,7 @@ class ConditionalPositionEncoding(nn.Module):
 
 
 class SepViTBlock(nn.Module):
-    """SepViT block, Eq. (5)–(9): ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``, on NHWC maps.
+    """SepViT block, Eq. (5)–(9): ``x + Attn(LN(Concat(x, wt)))`` then ``x + MLP(LN(x))``, on NHWC maps.
 
     The attention is :class:`SeparableWindowAttention` (DSSA, or GSA for a 2M window) when the map at
     the build size holds several windows (``grid_size`` > 1×1), else :class:`GlobalSelfAttention`.
@@ -121,16 +120,24 @@ class SepViTBlock(nn.Module):
             )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = FusedMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        # Eq. (5)-(6): the window tokens are normalised by norm1 together with the pixels (LayerNorm is
+        # per token, so normalising them apart is the same), and DSA's shortcut carries LN(wt) on.
+        tokens = self.attn.window_tokens_for(x)
+        normed_tokens = None if tokens is None else self.norm1(tokens)
+        x = x + self.drop_path1(self.attn(self.norm1(x), normed_tokens))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class SepViTStage(nn.Module):
-    """Patch merging, the blocks, and the position encoding after the first block; NCHW in, NHWC out."""
+    """Patch merging, the blocks, and the position encoding after the first block.
+
+    NCHW in, NCHW out: the blocks work on channels-last maps and the output is their NCHW view (a
+    ``channels_last`` tensor, no copy), which the next stage's convolution takes as it is.
+    """
 
     def __init__(
         self,
@@ -171,7 +178,7 @@ class SepViTStage(nn.Module):
                 x = block(x)
             if index == 0:
                 x = self.pos_embed(x)
-        return x
+        return x.permute(0, 3, 1, 2)
 
 
 class SepViT(nn.Module):
@@ -218,6 +225,9 @@ class SepViT(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '', not {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.output_fmt = "NHWC"  # of forward_features, as timm's Swin
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.img_size = to_2tuple(img_size)
         self.block_plan = block_plan
@@ -227,7 +237,7 @@ class SepViT(nn.Module):
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         first_block = [sum(depths[:i]) for i in range(len(depths))]
 
-        self.stages = nn.ModuleList()
+        self.stages = nn.Sequential()
         self.feature_info = []
         in_dim, height, width = in_chans, *self.img_size
         for index, (dim, heads) in enumerate(zip(embed_dims, num_heads)):
@@ -288,7 +298,7 @@ class SepViT(nn.Module):
             if coarse
             else [
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^stages\.(\d+)\.(downsample|pos_embed)", (0,)),
+                (r"^stages\.(\d+)\.(?:downsample|pos_embed)", (0,)),
                 (r"^norm", (99999,)),
             ],
         )
@@ -303,10 +313,16 @@ class SepViT(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none) on the current features, pooled by
+        ``global_pool`` (``"avg"``, or ``""`` for the map; None keeps the current pooling)."""
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        reference = next(self.parameters())
+        head = ClassifierHead(
+            self.num_features, num_classes, self.global_pool, self.drop_rate, input_fmt="NHWC"
+        )
+        self.head = head.to(reference.device, reference.dtype).train(self.training)
 
     def forward_intermediates(
         self,
@@ -320,22 +336,27 @@ class SepViT(nn.Module):
         """Stage outputs as NCHW maps (strides 4, 8, 16, 32), and the final features unless only those.
 
         ``indices``: the last n stages if an int, all if None, else the stages listed; ``norm`` applies
-        the final norm to the last stage's map.
+        the final norm to the last stage's map; ``stop_early`` runs no stage after the last one taken.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', not {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[: max_index + 1] if stop_early else self.stages
-        intermediates = []
         last = len(self.stages) - 1
-        for index, stage in enumerate(stages):
-            x = stage(x if index == 0 else x.permute(0, 3, 1, 2))
+        intermediates = []
+        index = 0
+        for index, stage in enumerate(self.stages):
+            if stop_early and index > max_index:
+                break
+            x = stage(x)
             if index in take_indices:
-                feature = self.norm(x) if norm and index == last else x
-                intermediates.append(feature.permute(0, 3, 1, 2).contiguous())
+                feature = (
+                    self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if norm and index == last else x
+                )
+                intermediates.append(feature.contiguous())
         if intermediates_only:
             return intermediates
-        if len(stages) == len(self.stages):
+        x = x.permute(0, 2, 3, 1)
+        if index == last:  # the final norm is sized for (and applied to) the last stage only
             x = self.norm(x)
         return x, intermediates
 
@@ -350,15 +371,12 @@ class SepViT(nn.Module):
         if pruned_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or pruned_end:
-            self.head = ClassifierHead(self.num_features, 0, pool_type="", input_fmt="NHWC")
-            self.num_classes = 0
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normed last-stage features (B, H/32, W/32, C), channels last."""
-        for index, stage in enumerate(self.stages):
-            x = stage(x if index == 0 else x.permute(0, 3, 1, 2))
-        return self.norm(x)
+        return self.norm(self.stages(x).permute(0, 2, 3, 1))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -410,16 +428,26 @@ def checkpoint_filter_fn(state_dict: Mapping[str, object], model: SepViT) -> dic
     }
 
 
-def _create_sepvit(variant: str, pretrained: bool = False, **kwargs) -> SepViT:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        SepViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+def _create_sepvit(
+    variant: str,
+    pretrained: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+) -> SepViT:
+    """``device`` (``"meta"`` builds without storage) and ``dtype`` are timm's factory options."""
+    feature_cfg = dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
+    feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            SepViT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
+    return model if dtype is None else model.to(dtype)
 
 
 def _cfg(**kwargs) -> dict:
