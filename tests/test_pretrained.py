@@ -160,6 +160,14 @@ def test_missing_hub_weights_say_how_to_supply_them(offline_hub):
     assert isinstance(error.value, FileNotFoundError)  # also what callers of timm catch
 
 
+def test_sepvit_without_weights_says_how_to_supply_them(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match=r"sepvit_lite\S* has no published weights.*file=PATH"):
+        timm.create_model("sepvit_lite", pretrained=True)
+    missing = tmp_path / "official.pth"
+    with pytest.raises(WeightsNotFoundError, match="official.pth"):
+        timm.create_model("sepvit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+
+
 def test_missing_or_corrupt_local_file(tmp_path):
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(WeightsNotFoundError, match=f"{missing}.*not found"):

@@ -27,14 +27,14 @@ from collections.abc import Mapping
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sepvit.layers import GlobalSelfAttention, Mlp, SeparableWindowAttention, grid_size
 from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
-from sepvit.models.state_dicts import rename_key, unwrap_state_dict
+from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 
 __all__ = ["SepViT", "SepViTBlock", "checkpoint_filter_fn", "parse_block_plan"]
 
@@ -439,7 +439,7 @@ def _create_sepvit(
     feature_cfg = dict(out_indices=kwargs.pop("out_indices", (0, 1, 2, 3)), feature_cls="getter")
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = build_model_with_cfg(
+        model = build_with_weights(
             SepViT,
             variant,
             pretrained,
