@@ -164,7 +164,7 @@ def test_sepvit_without_weights_says_how_to_supply_them(tmp_path):
     with pytest.raises(WeightsNotFoundError, match=r"sepvit_lite\S* has no published weights.*file=PATH"):
         timm.create_model("sepvit_lite", pretrained=True)
     missing = tmp_path / "official.pth"
-    with pytest.raises(WeightsNotFoundError, match="official.pth"):
+    with pytest.raises(WeightsNotFoundError, match=r"official\.pth"):
         timm.create_model("sepvit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
 
 
