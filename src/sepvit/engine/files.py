@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from sepvit.errors import CheckpointError, SepViTError, TrainingError
+from sepvit.errors import CheckpointError, ConfigError, SepViTError, TrainingError
 
 TEMP_SUFFIX = ".tmp"
 # What a failed write raises: the OS, safetensors (SafetensorError), torch.save (RuntimeError).
@@ -77,6 +77,8 @@ def write_text(path: Path, text: str) -> None:
 
 def link_atomically(source: Path, target: Path) -> None:
     """Make ``target`` the same file as ``source`` (a hard link, or a copy where links fail), atomically."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # already published; renaming a link over itself would leave the temporary behind
 
     def link(temp: str) -> None:
         os.unlink(temp)
@@ -103,7 +105,7 @@ def make_folder(path: Path, what: str = "output folder") -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.", suffix=TEMP_SUFFIX):
             pass
     except OSError as error:
-        raise WriteError(f"cannot write to the {what} {path}: {reason(error)}") from error
+        raise ConfigError(f"cannot write to the {what} {path}: {reason(error)}") from error
     return path
 
 

@@ -302,13 +302,7 @@ class Trainer:
         best: tuple[nn.Module, str, dict[str, float]] | None = None,
     ) -> None:
         """Write a checkpoint set on rank 0; every process learns whether that worked."""
-        finite = _weights_finite(self.model) and (self.ema is None or _weights_finite(self.ema.module))
-        if any_process(not finite, self.context):
-            raise TrainingError(
-                f"the weights became NaN or infinite by epoch {self.epoch + (self.step_in_epoch > 0)}, "
-                f"step {self.step_in_epoch}; they were not saved and {self._kept()}. "
-                "Try a lower --lr, --clip-grad or --amp none"
-            )
+        self._check_weights()
         rng = gather(capture_rng(), self.context)
         partial = self._reduced_partial()
         error = ""
@@ -341,6 +335,15 @@ class Trainer:
         if any_process(bool(error), self.context):
             raise TrainingError(error or "rank 0 could not write the checkpoint; the previous one is kept")
         self.saved_at = (self.epoch, self.step_in_epoch)
+
+    def _check_weights(self) -> None:
+        """Stop, saving nothing, when the weights (model's or EMA's) hold a NaN or an infinity."""
+        finite = _weights_finite(self.model) and (self.ema is None or _weights_finite(self.ema.module))
+        if any_process(not finite, self.context):
+            raise TrainingError(
+                f"the weights became NaN or infinite in epoch {self.epoch + 1} (step {self.step_in_epoch}); "
+                f"they were not saved and {self._kept()}. Try a lower --lr, --clip-grad or --amp none"
+            )
 
     def _reduced_partial(self) -> dict[str, float]:
         keys = sorted(self.partial)
@@ -490,6 +493,7 @@ class Trainer:
         return from_main(metrics, self.context)
 
     def _end_epoch(self, seconds: float) -> None:
+        self._check_weights()
         partial = self._reduced_partial()
         model_metrics = self._evaluate(self.model)
         ema_metrics = self._evaluate(self.ema.module) if self.ema is not None else None
