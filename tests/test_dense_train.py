@@ -21,14 +21,7 @@ CPU = DistContext(0, 1, 0, torch.device("cpu"))
 QUIET = dict(workers=0, tensorboard=False, log_interval=1000, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are small: one intra-op thread is about as fast, and two threads spin-wait
-    # for each other many times over when the cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run_cli(*argv: str) -> int:

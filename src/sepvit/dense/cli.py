@@ -11,14 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sepvit.dense.config import (
-    DETECT_PRESETS,
-    DETECT_RUN_DEFINING,
-    SEGMENT_PRESETS,
-    SEGMENT_RUN_DEFINING,
-    DetectConfig,
-    SegmentConfig,
-)
+from sepvit.dense.config import DETECT_PRESETS, SEGMENT_PRESETS, DetectConfig, SegmentConfig
 from sepvit.engine.config import add_command_options, add_options, read_config_file, resolve_run_config
 from sepvit.errors import ConfigError
 from sepvit.train.cli import add_inference_options
@@ -118,9 +111,12 @@ def _train(args: argparse.Namespace) -> int:
     from sepvit.engine.run import run_training
 
     task_type = DetectionTask if args.task_name == "detect" else SegmentationTask
-    run_defining = DETECT_RUN_DEFINING if args.task_name == "detect" else SEGMENT_RUN_DEFINING
     config, resume_dir = resolve_run_config(
-        args.config_type, args, args.presets, run_defining, default_preset=_default_preset(args)
+        args.config_type,
+        args,
+        args.presets,
+        task_type.kind.run_defining,
+        default_preset=_default_preset(args),
     )
     code, result = run_training(task_type(config), resume_dir)
     if result is not None and result.history and not result.interrupted_by:

@@ -28,7 +28,7 @@ from sepvit.dense.data import (
 from sepvit.dense.detection import build_detection_model, evaluate_detection
 from sepvit.dense.segmentation import build_segmentation_model, evaluate_segmentation
 from sepvit.engine.distributed import DistContext, barrier
-from sepvit.engine.loop import Task
+from sepvit.engine.loop import Task, TaskKind
 from sepvit.engine.optim import autocast
 from sepvit.engine.reporting import log
 
@@ -92,12 +92,11 @@ class DenseTask(Task):
             return self._evaluate(model, context.device)
 
 
+DETECT_METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50")
+
+
 class DetectionTask(DenseTask):
-    name = "detect"
-    command = "sepvit detect train"
-    metric_names = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50")
-    primary_metric = "bbox_AP"
-    run_defining = DETECT_RUN_DEFINING
+    kind = TaskKind("detect", "sepvit detect train", DETECT_METRICS, DETECT_RUN_DEFINING)
     collate_fn = staticmethod(collate_detection)
     config: DetectConfig
 
@@ -143,11 +142,7 @@ class DetectionTask(DenseTask):
 
 
 class SegmentationTask(DenseTask):
-    name = "segment"
-    command = "sepvit segment train"
-    metric_names = ("mIoU", "mAcc", "aAcc")
-    primary_metric = "mIoU"
-    run_defining = SEGMENT_RUN_DEFINING
+    kind = TaskKind("segment", "sepvit segment train", ("mIoU", "mAcc", "aAcc"), SEGMENT_RUN_DEFINING)
     collate_fn = staticmethod(collate_segmentation)
     config: SegmentConfig
 

@@ -42,21 +42,33 @@ from sepvit.engine.reporting import Progress, TensorBoard, epoch_summary, log, t
 from sepvit.errors import CheckpointError, ConfigError, DataError, SepViTError, TrainingError
 
 
+@dataclass(frozen=True)
+class TaskKind:
+    """What names a task: ``name`` ("classify", ...), the ``command`` that trains it, the metrics its
+    evaluation returns (``primary`` first: higher is better, it picks best.safetensors) and the
+    options that define a run (a resume refuses other values for them)."""
+
+    name: str
+    command: str
+    metrics: tuple[str, ...]
+    run_defining: tuple[str, ...]
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0]
+
+
 class Task(abc.ABC):
     """What a task gives the engine. ``setup`` runs after the engine has seeded the generators."""
 
-    name: ClassVar[str]  # "classify", "detect", "segment"
-    command: ClassVar[str]  # the command that trains it, e.g. "sepvit detect train"
-    metric_names: ClassVar[tuple[str, ...]]  # what ``evaluate`` returns, shown in this order
-    primary_metric: ClassVar[str]  # higher is better; picks best.safetensors
-    run_defining: ClassVar[tuple[str, ...]] = ("model", "data", "batch_size", "accum_steps", "seed")
-
+    kind: ClassVar[TaskKind]
     model: nn.Module
     train_set: Dataset
     collate_fn: Callable | None = None
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.metric_names = self.kind.metrics  # a task may narrow them once set up
 
     def resolve(self, config: TrainConfig, world_size: int) -> TrainConfig:
         """Fill the options left at ``auto``; the engine fills ``workers``."""
@@ -197,7 +209,9 @@ class Trainer:
         task.config = config
         for name in ("lr", "weight_decay", "warmup_epochs", "drop_path", "clip_grad"):
             if getattr(config, name) == AUTO or (name == "lr" and config.lr is None):
-                raise ConfigError(f"--{name.replace('_', '-')} was not resolved for the {task.name} task")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} was not resolved for the {task.kind.name} task"
+                )
         self.step_hook = step_hook
         self.stop = StopRequest()
         self.resume_dir = resume_dir
@@ -268,7 +282,7 @@ class Trainer:
     def _new_run_dir(self) -> Path:
         config = self.config
         name = config.experiment or (
-            f"{self.task.name}-{config.model}-{self.task.data_name}-{datetime.now():%Y%m%d-%H%M%S}"
+            f"{self.task.kind.name}-{config.model}-{self.task.data_name}-{datetime.now():%Y%m%d-%H%M%S}"
         )
         run_dir = Path(config.output) / name
         if (run_dir / ckpt.CHECKPOINTS).exists() or ckpt.weights_path(run_dir, ckpt.LAST).exists():
@@ -282,7 +296,7 @@ class Trainer:
     def _info(self, weights: str, metrics: dict[str, float] | None) -> dict[str, Any]:
         return {
             **self.task.checkpoint_info(),
-            "task": self.task.name,
+            "task": self.task.kind.name,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "weights": weights,
@@ -524,7 +538,7 @@ class Trainer:
         )
         self.partial = {}
         self.history.append(row)
-        primary = self.task.primary_metric
+        primary = self.task.kind.primary
         candidates = [(self.model, "model", model_metrics)]
         if ema_metrics is not None:
             candidates.append((self.ema.module, "ema", ema_metrics))
@@ -547,7 +561,7 @@ class Trainer:
             log(f"run folder: {self.run_dir}")
             params = sum(p.numel() for p in self.model.parameters()) / 1e6
             log(
-                f"{self.task.name} model {config.model} ({params:.2f}M params), {context.world_size} "
+                f"{self.task.kind.name} model {config.model} ({params:.2f}M params), {context.world_size} "
                 f"process(es) on {context.device}, global batch {self.global_batch * config.accum_steps}, "
                 f"lr {config.lr:.2e}, {config.epochs} epochs of {self.updates_per_epoch} steps"
             )
@@ -565,7 +579,7 @@ class Trainer:
                         log(
                             f"stopped by {result.interrupted_by} at epoch {self.epoch + 1}, step "
                             f"{self.step_in_epoch}; saved {ckpt.weights_path(self.run_dir, ckpt.LAST)}; "
-                            f"continue with: {self.task.command} --resume {self.run_dir}"
+                            f"continue with: {self.task.kind.command} --resume {self.run_dir}"
                         )
                     return result
                 self._end_epoch(time.perf_counter() - start)

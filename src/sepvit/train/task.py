@@ -14,7 +14,7 @@ from sepvit.engine.checkpoint import load_for_finetune, read_weights
 from sepvit.engine.config import AUTO
 from sepvit.engine.data import ShardedSampler, make_loader
 from sepvit.engine.distributed import DistContext, all_reduce
-from sepvit.engine.loop import Task
+from sepvit.engine.loop import Task, TaskKind
 from sepvit.engine.optim import autocast
 from sepvit.engine.reporting import log
 from sepvit.train.config import RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
@@ -30,11 +30,7 @@ from sepvit.train.models import create_model, data_config_for, default_img_size
 
 
 class ClassificationTask(Task):
-    name = "classify"
-    command = "sepvit train"
-    metric_names = ("loss", "top1", "top5")
-    primary_metric = "top1"
-    run_defining = RUN_DEFINING
+    kind = TaskKind("classify", "sepvit train", ("top1", "top5", "loss"), RUN_DEFINING)
     config: ClassifyConfig
 
     def resolve(self, config: ClassifyConfig, world_size: int) -> ClassifyConfig:
