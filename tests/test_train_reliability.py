@@ -264,3 +264,17 @@ def test_pretrained_from_a_timm_state_dict_replaces_the_classifier(
     assert info["classes"] == [str(d) for d in range(10)] and tuned["head.weight"].shape == (10, 64)
     body = source.state_dict()
     assert torch.allclose(tuned["patch_embed.proj.weight"], body["patch_embed.proj.weight"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_pretrained_without_network_or_cache_says_how_to_supply_weights(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
+    command = [sys.executable, "-m", "sepvit", "train", *ARGV, "--pretrained", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "no pretrained weights of test_vit could be loaded" in result.stderr
+    assert "pass a local file instead: --pretrained FILE" in result.stderr
