@@ -212,3 +212,21 @@ def test_segment_commands_evaluate_multi_scale_and_predict(tmp_path, capsys):
     )
     picture = Image.open(out / f"{image.stem}.png")
     assert picture.size == Image.open(image).size and picture.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_the_backbone_is_the_one_the_classification_checkpoint_names(tmp_path, capsys):
+    from sepvit.cli import main
+
+    classify = ["train", "--model", "sepvit_lite", "--img-size", "32", "--epochs", "1", "--limit-train", "64",
+                "--limit-val", "16", "--batch-size", "32", "--aa", "none", "--no-tensorboard",
+                "--output", str(tmp_path), "--experiment", "cls"]  # fmt: skip
+    assert main(classify) == 0
+    ade = synthetic.write_ade20k(tmp_path / "ade", num_train=4, num_val=1, size=64, seed=2)
+    segment = ["segment", "train", "--data", str(ade), "--crop-size", "64", "--head-channels", "16",
+               "--epochs", "1", "--batch-size", "2", "--no-tensorboard", "--output", str(tmp_path),
+               "--experiment", "seg", "--pretrained-backbone", str(tmp_path / "cls" / "best.safetensors"),
+               ]  # fmt: skip
+    assert main(segment) == 0  # the paper preset's backbone is sepvit_tiny; the checkpoint's is used
+    assert "backbone from" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "seg" / "last.safetensors")[1]["model"] == "sepvit_lite"

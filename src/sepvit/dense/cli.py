@@ -111,6 +111,13 @@ def _train(args: argparse.Namespace) -> int:
     from sepvit.engine.run import run_training
 
     task_type = DetectionTask if args.task_name == "detect" else SegmentationTask
+    backbone = getattr(args, "pretrained_backbone", None)
+    if backbone and not hasattr(args, "model"):  # the backbone the classification run trained
+        from sepvit.engine.checkpoint import read_weights
+
+        trained_as = (read_weights(backbone)[1] or {}).get("model")
+        if trained_as:
+            args.model = trained_as
     config, resume_dir = resolve_run_config(
         args.config_type,
         args,
@@ -209,24 +216,35 @@ def _detect_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_all(args: argparse.Namespace, task: str, draw) -> int:
+    """Run ``draw(model, info, device, image) -> (canvas, found, summary)`` on every input image; write
+    the canvases as PNGs and print one line per image (or JSON)."""
+    model, info, device = _load(args.checkpoint, task, args.device)
+    results = []
+    for path, output, image in _predictions(args):
+        canvas, found, summary = draw(model, info, device, image)
+        _save_png(canvas, output)
+        results.append({"image": str(path), "output": str(output), **found})
+        if not args.json:
+            print(f"{path} -> {output}: {summary}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def _detect_predict(args: argparse.Namespace) -> int:
     import torch
 
     from sepvit.dense.visualize import draw_detections
 
-    model, info, device = _load(args.checkpoint, "detect", args.device)
-    results = []
-    for path, output, image in _predictions(args):
+    def draw(model, info, device, image):
         with torch.no_grad():
             prediction = model([image.to(device)])[0]
-        _save_png(draw_detections(image, prediction, info["class_names"], args.score_threshold), output)
         found = int((prediction["scores"] >= args.score_threshold).sum())
-        results.append({"image": str(path), "output": str(output), "objects": found})
-        if not args.json:
-            print(f"{path} -> {output}: {found} objects")
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
+        canvas = draw_detections(image, prediction, info["class_names"], args.score_threshold)
+        return canvas, {"objects": found}, f"{found} objects"
+
+    return _predict_all(args, "detect", draw)
 
 
 def _test_scales(args: argparse.Namespace) -> tuple[tuple[float, ...], bool]:
@@ -255,19 +273,16 @@ def _segment_predict(args: argparse.Namespace) -> int:
     from sepvit.dense.segmentation import predict_probabilities
     from sepvit.dense.visualize import draw_class_map
 
-    model, info, device = _load(args.checkpoint, "segment", args.device)
     scales, flip = _test_scales(args)
-    results = []
-    for path, output, image in _predictions(args):
+
+    def draw(model, info, device, image):
         resized = v2.functional.resize(image, info["crop_size"], antialias=True)
-        class_map = predict_probabilities(
+        probabilities = predict_probabilities(
             model, resized.to(device), tuple(image.shape[-2:]), scales, flip
-        ).argmax(0)
-        _save_png(draw_class_map(image, class_map.cpu(), info["num_classes"]), output)
+        )
+        class_map = probabilities.argmax(0).cpu()
         present = [info["class_names"][int(c)] for c in class_map.unique()]
-        results.append({"image": str(path), "output": str(output), "classes": present})
-        if not args.json:
-            print(f"{path} -> {output}: {', '.join(present)}")
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 0
+        canvas = draw_class_map(image, class_map, info["num_classes"])
+        return canvas, {"classes": present}, ", ".join(present)
+
+    return _predict_all(args, "segment", draw)
