@@ -37,18 +37,18 @@ def register(subparsers) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from sepvit.bench.models import UnknownModelError, create_model_at_size, default_input_size
-    from sepvit.cli import CliError
+    from sepvit.errors import ConfigError
     from sepvit.export import ExportError, ExportMismatchError, compare_outputs, export_onnx, operator_census
     from sepvit.export.onnx_export import prepare_deploy
     from sepvit.utils import count_params
 
     if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise CliError("--img-size takes H or H W")
+        raise ConfigError("--img-size takes H or H W")
     img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     try:
         model = create_model_at_size(args.model, img_size)
     except UnknownModelError as error:
-        raise CliError(str(error)) from error
+        raise ConfigError(str(error)) from error
     channels, height, width = default_input_size(args.model)
     if img_size:
         height, width = img_size
@@ -61,7 +61,7 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset, name=args.model,
         )  # fmt: skip
     except ExportError as error:
-        raise CliError(str(error)) from error
+        raise ConfigError(str(error)) from error
     size_mb = exported.path.stat().st_size / 2**20
     print(f"{args.model}: {count_params(model) / 1e6:.2f} M params -> {exported.path} ({size_mb:.1f} MiB)")
     print(f"  graph input {exported.input_name} {list(exported.input_shape)}, opset {exported.opset}, "
@@ -86,7 +86,7 @@ def run_export(args: argparse.Namespace) -> int:
             comparisons, status = [], 1
             report["failure"] = str(error)
         except ExportError as error:
-            raise CliError(str(error)) from error
+            raise ConfigError(str(error)) from error
         for result in comparisons:
             print(f"  ONNX Runtime vs PyTorch {list(result.input_shape)}: max abs diff "
                   f"{result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e}) ok")  # fmt: skip
