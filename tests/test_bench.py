@@ -14,7 +14,7 @@ from sepvit.bench.measure import Spread
 from sepvit.bench.models import UnknownModelError, resolve_model_names
 from sepvit.bench.presets import PRESETS
 from sepvit.bench.report import pareto_front
-from sepvit.cli import CliError
+from sepvit.errors import ConfigError
 from sepvit.utils import count_macs, count_params
 
 
@@ -104,11 +104,11 @@ def test_presets_expand_and_bad_names_list_close_matches():
     assert resolve_model_names(["table2", "sepvit_tiny"]).count("sepvit_tiny") == 1
     with pytest.raises(UnknownModelError, match=r"close matches: .*swin_tiny_patch4_window7_224"):
         resolve_model_names(["swin_tiny_patch4_window7"])
-    with pytest.raises(CliError, match=r"unknown model 'sepvit_tinny'; close matches: sepvit_tiny"):
+    with pytest.raises(ConfigError, match=r"unknown model 'sepvit_tinny'; close matches: sepvit_tiny"):
         run_cli("bench", "sepvit_tinny")
-    with pytest.raises(CliError, match="at least one model"):
+    with pytest.raises(ConfigError, match="at least one model"):
         run_cli("bench")
-    with pytest.raises(CliError, match="not bf16"):
+    with pytest.raises(ConfigError, match="not bf16"):
         run_cli("bench", "resnet18", "--backend", "onnxruntime", "--dtype", "bf16")
 
 

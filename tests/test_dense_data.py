@@ -13,12 +13,12 @@ from sepvit.dense.data import (
     IGNORE_INDEX,
     ADE20KSegmentation,
     CocoDetection,
-    DatasetError,
     SegmentationEvalDataset,
     collate_segmentation,
     detection_transforms,
     segmentation_transforms,
 )
+from sepvit.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_detection_flip_moves_boxes_with_the_masks(coco_root):
 
 
 def test_coco_reader_names_missing_layout_and_broken_images(tmp_path, coco_root):
-    with pytest.raises(DatasetError, match=r"instances_val2017\.json"):
+    with pytest.raises(DataError, match=r"instances_val2017\.json"):
         CocoDetection(coco_root, "val2017")
     broken = tmp_path / "broken"
     (broken / "annotations").mkdir(parents=True)
@@ -80,7 +80,7 @@ def test_coco_reader_names_missing_layout_and_broken_images(tmp_path, coco_root)
     document = json.loads((coco_root / "annotations" / "instances_val.json").read_text())
     (broken / "annotations" / "instances_val.json").write_text(json.dumps(document))
     (broken / "val" / document["images"][0]["file_name"]).write_bytes(b"\x89PNG truncated")
-    with pytest.raises(DatasetError, match="cannot read image"):
+    with pytest.raises(DataError, match="cannot decode image"):
         CocoDetection(broken, "val")[0]
 
 
@@ -100,18 +100,18 @@ def test_ade20k_reader_shifts_labels_and_ignores_unlabelled(ade_root):
 
 
 def test_ade20k_reader_refuses_labels_beyond_its_classes(ade_root, tmp_path):
-    with pytest.raises(DatasetError, match=r"classes\.txt names 4 classes, expected 2"):
+    with pytest.raises(DataError, match=r"classes\.txt names 4 classes, expected 2"):
         ADE20KSegmentation(ade_root, "validation", num_classes=2)
     copy = tmp_path / "ade"
     shutil.copytree(ade_root, copy)
     (copy / "classes.txt").unlink()
-    with pytest.raises(DatasetError, match="give the number of classes"):
+    with pytest.raises(DataError, match="give the number of classes"):
         ADE20KSegmentation(copy, "validation")
     dataset = ADE20KSegmentation(copy, "validation", num_classes=2)
-    with pytest.raises(DatasetError, match="beyond 2 classes"):
+    with pytest.raises(DataError, match="beyond 2 classes"):
         for index in range(len(dataset)):
             dataset[index]
-    with pytest.raises(DatasetError, match="images/testing"):
+    with pytest.raises(DataError, match="images/testing"):
         ADE20KSegmentation(ade_root, "testing")
 
 

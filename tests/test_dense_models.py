@@ -7,13 +7,13 @@ from safetensors.torch import save_file
 
 from sepvit.dense.backbone import (
     BackboneWithFPN,
-    CheckpointMismatchError,
     create_features,
     load_classification_checkpoint,
 )
 from sepvit.dense.data import IGNORE_INDEX, pad_to_batch
 from sepvit.dense.detection import build_detector
 from sepvit.dense.segmentation import Segmenter, predict_probabilities
+from sepvit.errors import CheckpointError
 
 BACKBONE = "sepvit_lite"
 
@@ -124,14 +124,14 @@ def test_foreign_or_wrong_checkpoints_are_refused(tmp_path):
     body = _body()
     resnet = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet18").state_dict(), resnet)
-    with pytest.raises(CheckpointMismatchError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="does not fit"):
         load_classification_checkpoint(body, BACKBONE, resnet, img_size=(64, 64))
     wider = tmp_path / "wider.safetensors"
     state = timm.create_model(BACKBONE, embed_dims=(48, 96, 192, 384)).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(wider))
-    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="shape mismatch"):
         load_classification_checkpoint(body, BACKBONE, wider, img_size=(64, 64))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointMismatchError):
+    with pytest.raises(CheckpointError):
         load_classification_checkpoint(body, BACKBONE, broken, img_size=(64, 64))

@@ -6,32 +6,22 @@ import pytest
 import torch
 from PIL import Image
 
-from sepvit.cli import CliError
 from sepvit.dense import synthetic
-from sepvit.dense.backbone import create_features
-from sepvit.dense.data import (
-    ADE20KSegmentation,
-    CocoDetection,
-    SegmentationEvalDataset,
-    collate_detection,
-    collate_segmentation,
-    detection_transforms,
-    segmentation_transforms,
-)
-from sepvit.dense.detection import build_detector, evaluate_detection
-from sepvit.dense.engine import Recipe, Trainer, lr_factor, read_weights
+from sepvit.dense.config import DetectConfig, SegmentConfig
+from sepvit.dense.data import ADE20KSegmentation, CocoDetection, SegmentationEvalDataset
 from sepvit.dense.metrics import ConfusionMatrix, coco_map, whole_image_detections
-from sepvit.dense.segmentation import Segmenter, evaluate_segmentation
+from sepvit.dense.tasks import DetectionTask, SegmentationTask
+from sepvit.engine.checkpoint import read_checkpoint
+from sepvit.engine.distributed import DistContext
+from sepvit.engine.loop import Trainer
+from sepvit.engine.optim import build_optimizer, build_scheduler
+from sepvit.errors import CheckpointError, ConfigError
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"))
+QUIET = dict(workers=0, tensorboard=False, log_interval=1000, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are small: one intra-op thread is about as fast, and two threads spin-wait
-    # for each other many times over when the cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run_cli(*argv: str) -> int:
@@ -45,13 +35,24 @@ def _run_cli(*argv: str) -> int:
     return args.func(args)
 
 
+def _lr_factors(config, steps: list[int], updates_per_epoch: int = 100) -> list[float]:
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), config)
+    scheduler = build_scheduler(optimizer, config, updates_per_epoch)
+    factors = []
+    for step in steps:
+        scheduler.step_update(num_updates=step)
+        factors.append(optimizer.param_groups[0]["lr"] / config.lr)
+    return factors
+
+
 def test_schedules_follow_the_recipes():
-    step = Recipe(epochs=12, milestones=(8, 11), warmup_iters=10, warmup_ratio=0.001)
-    assert lr_factor(step, 0, 100) == pytest.approx(0.001)
-    assert lr_factor(step, 5, 100) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert [lr_factor(step, e * 100, 100) for e in (1, 7, 8, 10, 11)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
-    poly = Recipe(epochs=2, schedule="poly", power=0.9, warmup_iters=0)
-    assert lr_factor(poly, 100, 100) == pytest.approx(0.5**0.9) and lr_factor(poly, 200, 100) == 0.0
+    # mmdetection's 1×: linear warm-up, ×0.1 at epochs 8 and 11
+    step = DetectConfig(epochs=12, decay_milestones=(8, 11), warmup_steps=10, warmup_lr=1e-7, lr=1e-4)
+    assert _lr_factors(step, [0, 5]) == pytest.approx([0.001, 0.001 + 0.999 * 0.5])
+    assert _lr_factors(step, [e * 100 for e in (1, 7, 8, 10, 11)]) == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    # mmsegmentation's poly: (1 - t) ** power
+    poly = SegmentConfig(epochs=2, decay_rate=0.9, warmup_steps=0, lr=1e-4)
+    assert _lr_factors(poly, [100, 200]) == pytest.approx([0.5**0.9, 0.0], abs=1e-9)
 
 
 def _csv_rows(path) -> list[dict]:
@@ -68,73 +69,35 @@ def _all_background_miou(dataset) -> float:
 
 @pytest.mark.slow
 def test_segmenter_learns_the_shapes(tmp_path):
-    torch.manual_seed(0)
     root = synthetic.write_ade20k(tmp_path / "ade", num_train=96, num_val=16, size=64, seed=5)
-    crop = 64
-    train_set = ADE20KSegmentation(root, "training", segmentation_transforms(True, crop, (0.75, 1.5)))
-    val_set = SegmentationEvalDataset(ADE20KSegmentation(root, "validation"), crop)
-    model = Segmenter(create_features("sepvit_lite", img_size=(crop, crop)), "fpn", 4, head_channels=32)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=8, shuffle=True, collate_fn=collate_segmentation, drop_last=True
-    )
-    trainer = Trainer(
-        model=model,
-        train_loader=loader,
-        compute_losses=lambda network, batch, device: network(*batch),
-        evaluate=lambda m: evaluate_segmentation(m, val_set, torch.device("cpu")),
-        recipe=Recipe(epochs=12, lr=1e-3, schedule="poly", warmup_iters=10),
-        output_dir=tmp_path / "run",
-        config={"task": "segment"},
-        primary_metric="mIoU",
-        log_every=1000,
-    )
-    trainer.fit()
-    best = max(float(row["mIoU"]) for row in _csv_rows(tmp_path / "run" / "metrics.csv"))
-    trivial = _all_background_miou(val_set)
+    config = SegmentConfig(
+        data=str(root), model="sepvit_lite", head="fpn", crop_size=64, scale_range=(0.75, 1.5),
+        head_channels=32, epochs=12, batch_size=8, lr=1e-3, decay_rate=1.0, warmup_steps=10,
+        drop_path=0.0, seed=0, output=str(tmp_path), experiment="run", **QUIET,
+    )  # fmt: skip
+    Trainer(config, SegmentationTask(config), CPU).run()
+    best = max(float(row["val_mIoU"]) for row in _csv_rows(tmp_path / "run" / "metrics.csv"))
+    trivial = _all_background_miou(SegmentationEvalDataset(ADE20KSegmentation(root, "validation"), 64))
     assert trivial < 0.25 and best > trivial + 0.08, (trivial, best)
-
-
-def _detection_losses(network, batch, device):
-    images, targets = batch
-    return network(
-        images, [{k: v.as_subclass(torch.Tensor) for k, v in t.items() if k != "image_id"} for t in targets]
-    )
 
 
 @pytest.mark.slow
 def test_retinanet_learns_the_shapes(tmp_path):
-    torch.manual_seed(0)
     size = 96
     root = synthetic.write_coco(tmp_path / "coco", num_train=64, num_val=1, size=size, seed=3)
-    train_set = CocoDetection(root, "train", detection_transforms(True))
-    seen_set = CocoDetection(root, "train")  # scored on the training images: a short run memorises
-    model = build_detector(
-        "retinanet",
-        create_features("sepvit_lite", img_size=(size, size)),
-        3,
-        min_size=size,
-        max_size=size,
-        fpn_channels=32,
-    )
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=8, shuffle=True, collate_fn=collate_detection, drop_last=True
-    )
-    trainer = Trainer(
-        model=model,
-        train_loader=loader,
-        compute_losses=_detection_losses,
-        evaluate=lambda m: evaluate_detection(m, seen_set, torch.device("cpu"), batch_size=8),
-        recipe=Recipe(epochs=10, lr=1e-3, milestones=(9,), warmup_iters=10),
-        output_dir=tmp_path / "run",
-        config={"task": "detect"},
-        primary_metric="bbox_AP",
-        log_every=1000,
-    )
-    trainer.fit()
+    # scored on the training images: a short run memorises
+    config = DetectConfig(
+        data=str(root), train_split="train", val_split="train", model="sepvit_lite", min_size=size,
+        max_size=size, fpn_channels=32, epochs=10, batch_size=8, lr=1e-3, weight_decay=1e-4,
+        decay_milestones=(9,), warmup_steps=10, drop_path=0.0, seed=0, output=str(tmp_path),
+        experiment="run", **QUIET,
+    )  # fmt: skip
+    Trainer(config, DetectionTask(config), CPU).run()
     rows = _csv_rows(tmp_path / "run" / "metrics.csv")
     first_loss, last_loss = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
-    best_ap = max(float(row["bbox_AP"]) for row in rows)
-    best_ap50 = max(float(row["bbox_AP50"]) for row in rows)
+    best_ap = max(float(row["val_bbox_AP"]) for row in rows)
+    best_ap50 = max(float(row["val_bbox_AP50"]) for row in rows)
+    seen_set = CocoDetection(root, "train")
     whole_image = whole_image_detections(seen_set.coco, seen_set.image_ids)
     trivial = coco_map(seen_set.coco, whole_image, "bbox", seen_set.image_ids)
     assert last_loss < 0.7 * first_loss, (first_loss, last_loss)
@@ -168,35 +131,26 @@ def test_commands_train_resume_evaluate_and_predict(tmp_path, capsys):
         "16",
         "--workers",
         "0",
-        "--warmup-iters",
+        "--warmup-steps",
         "1",
+        "--no-tensorboard",
         "--output",
-        str(run),
+        str(tmp_path),
+        "--experiment",
+        "run",
     ]
     assert _run_cli("detect", "train", "--arch", "maskrcnn", "--epochs", "1", *common) == 0
     first = _csv_rows(run / "metrics.csv")
-    assert len(first) == 1 and {"train_loss", "bbox_AP", "segm_AP"} <= set(first[0])
+    assert len(first) == 1 and {"train_loss", "val_bbox_AP", "val_segm_AP"} <= set(first[0])
     assert (run / "metrics.png").stat().st_size > 0
-    # Resume continues at epoch 2; changed model settings are refused.
-    assert _run_cli("detect", "train", "--arch", "maskrcnn", "--epochs", "2", "--resume", *common) == 0
+    # Resume continues at epoch 2 (a longer schedule is applied); changed model settings are refused.
+    assert _run_cli("detect", "train", "--epochs", "2", "--resume", str(run)) == 0
     assert [row["epoch"] for row in _csv_rows(run / "metrics.csv")] == ["1", "2"]
-    _, config, epoch = read_weights(run / "last.safetensors")
-    assert (
-        epoch == 2 and config["arch"] == "maskrcnn" and config["class_names"] == list(synthetic.SHAPE_NAMES)
-    )
-    with pytest.raises(CliError, match="fpn_channels"):
-        _run_cli(
-            "detect",
-            "train",
-            "--arch",
-            "maskrcnn",
-            "--epochs",
-            "3",
-            "--resume",
-            *common,
-            "--fpn-channels",
-            "8",
-        )
+    _, info = read_checkpoint(run / "last.safetensors", "detect")
+    assert info["epoch"] == 2 and info["arch"] == "maskrcnn"
+    assert info["class_names"] == list(synthetic.SHAPE_NAMES)
+    with pytest.raises(ConfigError, match="cannot change --fpn-channels from 16 to 8"):
+        _run_cli("detect", "train", "--epochs", "3", "--resume", str(run), "--fpn-channels", "8")
 
     capsys.readouterr()
     assert (
@@ -205,18 +159,14 @@ def test_commands_train_resume_evaluate_and_predict(tmp_path, capsys):
     assert "bbox_AP" in capsys.readouterr().out
     out = tmp_path / "predictions"
     assert (
-        _run_cli(
-            "detect", "predict", str(run / "last.safetensors"), str(coco / "val"), "--output-dir", str(out)
-        )
+        _run_cli("detect", "predict", str(run / "last.safetensors"), str(coco / "val"), "--output", str(out))
         == 0
     )
     written = sorted(out.glob("*.png"))
     assert len(written) == 2
     assert Image.open(written[0]).size == Image.open(coco / "val" / written[0].name).size
-    with pytest.raises(CliError, match="not a segment"):
-        _run_cli(
-            "segment", "predict", str(run / "last.safetensors"), str(coco / "val"), "--output-dir", str(out)
-        )
+    with pytest.raises(CheckpointError, match="is a detect checkpoint, not a segment one"):
+        _run_cli("segment", "predict", str(run / "last.safetensors"), str(coco / "val"), "--output", str(out))
 
 
 @pytest.mark.slow
@@ -243,8 +193,11 @@ def test_segment_commands_evaluate_multi_scale_and_predict(tmp_path, capsys):
             "16",
             "--workers",
             "0",
+            "--no-tensorboard",
             "--output",
-            str(run),
+            str(tmp_path),
+            "--experiment",
+            "run",
         )
         == 0
     )
@@ -255,8 +208,25 @@ def test_segment_commands_evaluate_multi_scale_and_predict(tmp_path, capsys):
     out = tmp_path / "predictions"
     image = next((ade / "images" / "validation").iterdir())
     assert (
-        _run_cli("segment", "predict", str(run / "last.safetensors"), str(image), "--output-dir", str(out))
-        == 0
+        _run_cli("segment", "predict", str(run / "last.safetensors"), str(image), "--output", str(out)) == 0
     )
     picture = Image.open(out / f"{image.stem}.png")
     assert picture.size == Image.open(image).size and picture.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_the_backbone_is_the_one_the_classification_checkpoint_names(tmp_path, capsys):
+    from sepvit.cli import main
+
+    classify = ["train", "--model", "sepvit_lite", "--img-size", "32", "--epochs", "1", "--limit-train", "64",
+                "--limit-val", "16", "--batch-size", "32", "--aa", "none", "--no-tensorboard",
+                "--output", str(tmp_path), "--experiment", "cls"]  # fmt: skip
+    assert main(classify) == 0
+    ade = synthetic.write_ade20k(tmp_path / "ade", num_train=4, num_val=1, size=64, seed=2)
+    segment = ["segment", "train", "--data", str(ade), "--crop-size", "64", "--head-channels", "16",
+               "--epochs", "1", "--batch-size", "2", "--no-tensorboard", "--output", str(tmp_path),
+               "--experiment", "seg", "--pretrained-backbone", str(tmp_path / "cls" / "best.safetensors"),
+               ]  # fmt: skip
+    assert main(segment) == 0  # the paper preset's backbone is sepvit_tiny; the checkpoint's is used
+    assert "backbone from" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "seg" / "last.safetensors")[1]["model"] == "sepvit_lite"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sepvit.cli import CliError
+from sepvit.errors import ConfigError
 from sepvit.export import (
     ExportError,
     ExportMismatchError,
@@ -172,7 +172,7 @@ def test_failing_export_names_operator_and_module(tmp_path):
 
 
 def test_unknown_model_lists_close_matches(tmp_path):
-    with pytest.raises(CliError, match=r"unknown model 'sepvit_litee'; close matches: sepvit_lite"):
+    with pytest.raises(ConfigError, match=r"unknown model 'sepvit_litee'; close matches: sepvit_lite"):
         run_cli("export", "sepvit_litee", "-o", str(tmp_path / "x.onnx"))
 
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sepvit.cli import CliError, build_parser, main
-from sepvit.train.config import AUTO, PRESETS, TRAIN_OPTIONS, apply_recipe_defaults, resolve_train_config
+from sepvit.cli import build_parser, main
+from sepvit.engine.config import AUTO, flag_name, resolve_run_config
+from sepvit.train.config import PRESETS, RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
+
+
+def resolve_train_config(args: argparse.Namespace) -> ClassifyConfig:
+    return resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)[0]
 
 
 def _help(command: str, capsys: pytest.CaptureFixture) -> str:
@@ -25,10 +31,8 @@ def test_train_help_explains_every_option_and_its_default(
     command: str, capsys: pytest.CaptureFixture
 ) -> None:
     text = _help(command, capsys)
-    for option in TRAIN_OPTIONS.values():
-        assert option.flag_name in text, option.dest
-        if option.default is not None:
-            assert "(default: " in text
+    for field in dataclasses.fields(ClassifyConfig):
+        assert flag_name(field.name) in text, field.name
     assert "(default: rand-m9-mstd0.5-inc1)" in text and "(default: 300)" in text
     assert "exit codes:" in text and "torchrun" in text
 
@@ -54,7 +58,7 @@ def test_config_file_stands_in_for_flags_and_flags_win(tmp_path: Path) -> None:
     )
     args = build_parser().parse_args(["train", "--config", str(config_file), "--epochs", "9"])
     config = resolve_train_config(args)
-    assert (config["epochs"], config["batch_size"], config["scale"], config["model"]) == (
+    assert (config.epochs, config.batch_size, config.scale, config.model) == (
         9,
         24,
         (0.5, 1.0),
@@ -62,14 +66,12 @@ def test_config_file_stands_in_for_flags_and_flags_win(tmp_path: Path) -> None:
     )
     json_file = tmp_path / "recipe.json"
     json_file.write_text(json.dumps({"lr": 0.01}))
-    assert (
-        resolve_train_config(build_parser().parse_args(["train", "--config", str(json_file)]))["lr"] == 0.01
-    )
+    assert resolve_train_config(build_parser().parse_args(["train", "--config", str(json_file)])).lr == 0.01
 
 
 def test_preset_then_config_then_flags() -> None:
     config = resolve_train_config(build_parser().parse_args(["demo", "--epochs", "1"]))
-    assert config["img_size"] == PRESETS["digits-demo"]["img_size"] and config["epochs"] == 1
+    assert config.img_size == PRESETS["digits-demo"]["img_size"] and config.epochs == 1
 
 
 def test_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -79,13 +81,14 @@ def test_bad_config_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert "unknown option(s) learning_rate" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(CliError, match="unknown preset"):
-        resolve_train_config(argparse.Namespace(preset="imagenet-in-a-minute"))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--preset", "imagenet-in-a-minute"])
+    assert "invalid choice: 'imagenet-in-a-minute'" in capsys.readouterr().err
 
 
 def test_recipe_defaults_follow_model_size() -> None:
     def resolved(model: str) -> dict:
-        return apply_recipe_defaults(resolve_train_config(argparse.Namespace(model=model)), world_size=1)
+        return dataclasses.asdict(apply_recipe_defaults(ClassifyConfig(model=model), world_size=1))
 
     lite, base, m0 = resolved("sepvit_lite"), resolved("sepvit_base"), resolved("sv_efficientvit_m0")
     assert (lite["drop_path"], lite["weight_decay"], lite["warmup_epochs"]) == (0.1, 0.05, 5)
@@ -93,13 +96,14 @@ def test_recipe_defaults_follow_model_size() -> None:
     assert (m0["weight_decay"], m0["clip_grad"]) == (0.025, 0.02)
     assert lite["lr"] == pytest.approx(1e-3 * (128 / 1024) ** 0.5)  # square-root scaling for AdamW
     assert lite["hflip"] == 0.0 and lite["crop_pct"] == 1.0  # digits: no flips, no crop
-    assert AUTO not in (lite["workers"], lite["clip_grad"])
+    assert lite["clip_grad"] is None and AUTO not in (lite["drop_path"], lite["weight_decay"])
 
 
 def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--epochs", "many"])
     assert exit_info.value.code == 2
+    assert "argument --epochs: expected an integer, got 'many'" in capsys.readouterr().err
     assert main(["train", "--model", "sepvit_lyte", "--output", str(tmp_path)]) == 2
     assert (
         "unknown model 'sepvit_lyte'" in capsys.readouterr().err and not (tmp_path / "sepvit_lyte").exists()

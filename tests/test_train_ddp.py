@@ -12,19 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sepvit.train.checkpoint import read_checkpoint_info
+from sepvit.engine.checkpoint import read_checkpoint
 
 # Runs Trainer in each process and saves that process's final weights (only rank 0 writes the run).
 WORKER = """
-import argparse, json, sys
+import json, sys
 from safetensors.torch import save_file
-from sepvit.train.config import resolve_train_config
-from sepvit.train.distributed import init_distributed, shutdown
-from sepvit.train.runner import Trainer
+from sepvit.engine.distributed import init_distributed, shutdown
+from sepvit.engine.loop import Trainer
+from sepvit.train.config import ClassifyConfig
+from sepvit.train.task import ClassificationTask
 
-config = resolve_train_config(argparse.Namespace(**json.loads(sys.argv[1])))
+config = ClassifyConfig(**json.loads(sys.argv[1]))
 context = init_distributed("cpu")
-trainer = Trainer(config, context)
+trainer = Trainer(config, ClassificationTask(config), context)
 trainer.run()
 state = {key: value.contiguous() for key, value in trainer.model.state_dict().items()}
 save_file(state, f"{sys.argv[2]}/rank{context.rank}.safetensors")
@@ -83,7 +84,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> N
     reference = load_file(single / "rank0.safetensors")
     for key in reference:
         torch.testing.assert_close(rank0[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
-    saved, _ = read_checkpoint_info(ddp / "last.safetensors")
+    saved, _ = read_checkpoint(ddp / "last.safetensors")
     assert all(torch.equal(saved[key], rank0[key]) for key in rank0)
     # validation metrics are reduced over both processes' halves of the 20 images
     for (ddp_top1, ddp_loss), (top1, loss) in zip(_val_metrics(ddp), _val_metrics(single)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import re
@@ -14,12 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sepvit.cli import CliError, main
-from sepvit.train import checkpoint as ckpt
-from sepvit.train.config import resolve_train_config
-from sepvit.train.data import ImageDecodeError, TransformedImages, load_image_sets, scan_image_folder
-from sepvit.train.distributed import DistContext
-from sepvit.train.runner import Trainer, TrainingError
+from sepvit.cli import main
+from sepvit.engine import checkpoint as ckpt
+from sepvit.engine.distributed import DistContext
+from sepvit.engine.loop import Trainer
+from sepvit.errors import DataError, TrainingError
+from sepvit.train.config import ClassifyConfig
+from sepvit.train.data import ClassificationImages, load_image_sets, scan_image_folder
+from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 TINY = dict(
@@ -37,10 +38,14 @@ TINY = dict(
 )
 
 
-def _config(tmp_path: Path, **overrides) -> dict:
-    return resolve_train_config(
-        argparse.Namespace(**{**TINY, "output": str(tmp_path), "experiment": "run", **overrides})
-    )
+def _trainer(tmp_path: Path, resume: bool = False, step_hook=None, **overrides) -> Trainer:
+    config = ClassifyConfig(**{**TINY, "output": str(tmp_path), "experiment": "run", **overrides})
+    resume_dir = tmp_path / "run" if resume else None
+    return Trainer(config, ClassificationTask(config), CPU, resume_dir=resume_dir, step_hook=step_hook)
+
+
+def _state(run_dir: Path) -> dict:
+    return ckpt.RunCheckpoints(run_dir).load()[3]
 
 
 def _image(path: Path, value: int = 128) -> None:
@@ -61,10 +66,10 @@ def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 
 def test_folder_without_train_or_val(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    with pytest.raises(CliError, match="has no train/ folder"):
+    with pytest.raises(DataError, match="has no train/ folder"):
         load_image_sets(str(tmp_path / "data"), 32)
     _image(tmp_path / "data" / "train" / "a" / "0.png")
-    with pytest.raises(CliError, match="has no val/ folder"):
+    with pytest.raises(DataError, match="has no val/ folder"):
         load_image_sets(str(tmp_path / "data"), 32)
 
 
@@ -72,7 +77,7 @@ def test_empty_class_folder_is_named(tmp_path: Path) -> None:
     _image(tmp_path / "train" / "cat" / "0.png")
     (tmp_path / "train" / "dog").mkdir()
     (tmp_path / "train" / "dog" / "notes.txt").write_text("no images here")
-    with pytest.raises(CliError, match=r"class folder .*train/dog has no image files"):
+    with pytest.raises(DataError, match=r"class folder .*train/dog has no image files"):
         scan_image_folder(tmp_path / "train")
 
 
@@ -87,7 +92,7 @@ def test_unreadable_class_folder_is_named(tmp_path: Path, monkeypatch: pytest.Mo
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(CliError, match=r"cannot read class folder .*train/dog: Permission denied"):
+    with pytest.raises(DataError, match=r"cannot read class folder .*train/dog: Permission denied"):
         scan_image_folder(tmp_path / "train")
 
 
@@ -125,7 +130,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, capsys: pytest.C
 def test_class_folder_with_only_corrupt_images(tmp_path: Path) -> None:
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "train" / "cat" / "0.png").write_bytes(b"garbage")
-    with pytest.raises(CliError, match=r"train/cat has no readable images"):
+    with pytest.raises(DataError, match=r"train/cat has no readable images"):
         scan_image_folder(tmp_path / "train")
 
 
@@ -135,8 +140,8 @@ def test_image_that_fails_to_decode_later_is_named(tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:-800])  # the header still verifies, the pixels do not decode
     image_set = scan_image_folder(tmp_path / "train")
-    with pytest.raises(ImageDecodeError, match=f"cannot decode image {path}"):
-        TransformedImages(image_set, lambda image: image)[0]
+    with pytest.raises(DataError, match=f"cannot decode image {path}"):
+        ClassificationImages(image_set, lambda image: image)[0]
 
 
 def _argv(options: dict) -> list[str]:
@@ -149,7 +154,7 @@ def _argv(options: dict) -> list[str]:
 
 
 def _trained(tmp_path: Path) -> Path:
-    Trainer(_config(tmp_path, epochs=1), CPU).run()
+    _trainer(tmp_path, epochs=1).run()
     return tmp_path / "run" / "best.safetensors"
 
 
@@ -162,7 +167,7 @@ def test_foreign_and_ill_fitting_checkpoints(tmp_path: Path, capsys: pytest.Capt
 
     plain = tmp_path / "plain.safetensors"
     save_file({"weight": torch.zeros(3)}, plain)
-    assert "was not written by sepvit train" in _error(["eval", str(plain)], capsys)
+    assert "was not written by a sepvit run" in _error(["eval", str(plain)], capsys)
     err = _error(
         ["eval", str(plain), "--model", "test_vit", "--num-classes", "10", "--data", "digits"], capsys
     )
@@ -192,14 +197,14 @@ def test_foreign_and_ill_fitting_checkpoints(tmp_path: Path, capsys: pytest.Capt
             *_argv(TINY),
             "--model",
             "sepvit_lite",
-            "--finetune",
+            "--pretrained",
             str(best),
             "--output",
             str(tmp_path / "ft"),
         ],
         capsys,
     )
-    assert "does not fit model" in err and "missing 1" in err and "unexpected " in err
+    assert "does not fit the model" in err and "missing 1" in err and "unexpected " in err
     assert "norm.weight (checkpoint 64, model 256)" in err
 
     assert "checkpoint " + str(tmp_path / "gone.safetensors") + " does not exist" in _error(
@@ -216,14 +221,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
             with torch.no_grad():
                 trainer.model.head.weight.fill_(float("nan"))
 
-    trainer = Trainer(_config(tmp_path), CPU, step_hook=poison)
+    trainer = _trainer(tmp_path, step_hook=poison)
     last = tmp_path / "run" / "last.safetensors"
     expected = (
-        rf"loss became NaN .* epoch 2, step 2 .* last good checkpoint is {re.escape(str(last))} \(epoch 1\)"
+        rf"loss is nan at epoch 2, step 2 .* last checkpoint, {re.escape(str(last))} \(epoch 1, step 0\)"
     )
     with pytest.raises(TrainingError, match=expected):
         trainer.run()
-    weights, info = ckpt.read_checkpoint_info(last)
+    weights, info = ckpt.read_checkpoint(last)
     assert info["epoch"] == 1 and info["step_in_epoch"] == 0
     assert all(torch.isfinite(value).all() for value in weights.values())
 
@@ -243,12 +248,13 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(ckpt, "save_file", save_file_on_a_full_disk)
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError, match="No space left on device; the previous files are kept"):
-        Trainer(_config(tmp_path), CPU).run()
-    assert ckpt.read_checkpoint_info(run_dir / "last.safetensors")[1]["epoch"] == 1
-    assert ckpt.read_checkpoint_info(run_dir / "last_ema.safetensors")[1]["epoch"] == 1
-    assert ckpt.load_training_state(run_dir / "last.state.pt")["epoch"] == 1
-    assert not list(run_dir.glob(".*.tmp"))
+        _trainer(tmp_path).run()
+    assert ckpt.read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 1
+    assert ckpt.read_checkpoint(run_dir / "last_ema.safetensors")[1]["epoch"] == 1
+    assert _state(run_dir)["epoch"] == 1
+    assert not list(run_dir.rglob("*.tmp"))
+    assert len(list((run_dir / "checkpoints").iterdir())) == 2  # LATEST and the epoch-1 set
     # and the run continues from there
     monkeypatch.setattr(ckpt, "save_file", real_save)
-    Trainer(_config(tmp_path, resume=str(run_dir)), CPU).run()
-    assert ckpt.read_checkpoint_info(run_dir / "last.safetensors")[1]["epoch"] == 3
+    _trainer(tmp_path, resume=True).run()
+    assert ckpt.read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 3

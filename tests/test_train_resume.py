@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import signal
@@ -13,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sepvit.train.checkpoint import load_training_state, read_checkpoint_info
-from sepvit.train.config import resolve_train_config
-from sepvit.train.distributed import DistContext
-from sepvit.train.runner import Trainer
+from sepvit.engine.checkpoint import RunCheckpoints, read_checkpoint
+from sepvit.engine.distributed import DistContext
+from sepvit.engine.loop import Trainer
+from sepvit.train.config import ClassifyConfig
+from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
@@ -40,9 +40,14 @@ NOISY_RUN = dict(
 )
 
 
-def _config(output: Path, experiment: str, **overrides) -> dict:
-    explicit = {**NOISY_RUN, "output": str(output), "experiment": experiment, **overrides}
-    return resolve_train_config(argparse.Namespace(**explicit))
+def _trainer(output: Path, experiment: str, resume: bool = False, step_hook=None) -> Trainer:
+    config = ClassifyConfig(**NOISY_RUN, output=str(output), experiment=experiment)
+    resume_dir = output / experiment if resume else None
+    return Trainer(config, ClassificationTask(config), CPU, resume_dir=resume_dir, step_hook=step_hook)
+
+
+def load_training_state(run_dir: Path) -> dict:
+    return RunCheckpoints(run_dir).load()[3]
 
 
 def _stop_at(epoch: int, step: int):
@@ -54,7 +59,7 @@ def _stop_at(epoch: int, step: int):
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint_info(run_dir / "last.safetensors")[0]
+    return read_checkpoint(run_dir / "last.safetensors")[0]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -66,26 +71,25 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_runs_equal_a_straight_run(tmp_path: Path) -> None:
-    Trainer(_config(tmp_path, "straight"), CPU).run()
+    _trainer(tmp_path, "straight").run()
     straight = _weights(tmp_path / "straight")
 
     # stopped at the end of epoch 1 (step 3 of 3), then mid-epoch 2 (step 1): each resume continues exactly
-    first = Trainer(_config(tmp_path, "pieces"), CPU, step_hook=_stop_at(1, 3)).run()
+    first = _trainer(tmp_path, "pieces", step_hook=_stop_at(1, 3)).run()
     assert first.interrupted_by == "request"
-    state = load_training_state(tmp_path / "pieces" / "last.state.pt")
+    state = load_training_state(tmp_path / "pieces")
     assert (state["epoch"], state["step_in_epoch"]) == (0, 3)
-    resume = str(tmp_path / "pieces")
-    second = Trainer(_config(tmp_path, "pieces", resume=resume), CPU, step_hook=_stop_at(2, 1)).run()
+    second = _trainer(tmp_path, "pieces", resume=True, step_hook=_stop_at(2, 1)).run()
     assert second.interrupted_by == "request"
-    Trainer(_config(tmp_path, "pieces", resume=resume), CPU).run()
+    _trainer(tmp_path, "pieces", resume=True).run()
 
     resumed = _weights(tmp_path / "pieces")
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "pieces")
-    ema_straight = load_training_state(tmp_path / "straight" / "last.state.pt")["ema"]
-    ema_resumed = load_training_state(tmp_path / "pieces" / "last.state.pt")["ema"]
+    ema_straight = load_training_state(tmp_path / "straight")["ema"]
+    ema_resumed = load_training_state(tmp_path / "pieces")["ema"]
     assert all(torch.equal(ema_straight[key], ema_resumed[key]) for key in ema_straight)
 
 
@@ -112,8 +116,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_run_resumes(tmp_path: Path)
     assert "SIGTERM received" in output and "--resume" in output
 
     run_dir = tmp_path / "killed"
-    weights, info = read_checkpoint_info(run_dir / "last.safetensors")
-    state = load_training_state(run_dir / "last.state.pt")
+    weights, info = read_checkpoint(run_dir / "last.safetensors")
+    state = load_training_state(run_dir)
     assert info["epoch"] == 0 and 2 <= info["step_in_epoch"] < 8
     assert state["step_in_epoch"] == info["step_in_epoch"]
     assert all(torch.isfinite(value).all() for value in weights.values())
@@ -126,4 +130,4 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_run_resumes(tmp_path: Path)
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed {run_dir} at epoch 1, step {info['step_in_epoch']}" in resumed.stdout
-    assert read_checkpoint_info(run_dir / "last.safetensors")[1]["epoch"] == 2
+    assert read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 2

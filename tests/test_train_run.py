@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sepvit.cli import main
-from sepvit.train.checkpoint import read_checkpoint_info
+from sepvit.engine.checkpoint import read_checkpoint
 from sepvit.train.data import load_digits_split
 
 # Seconds matter on 2 cores: a tiny timm ConvNeXt (0.2M parameters) learns digits in a few epochs.
@@ -36,14 +36,14 @@ def test_digits_run_learns_and_writes_its_outputs(digits_run: Path, capsys: pyte
         rows = list(csv.DictReader(handle))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    _, info = read_checkpoint_info(digits_run / "best.safetensors")
+    _, info = read_checkpoint(digits_run / "best.safetensors")
     assert info["top1"] > 60.0  # chance is 10%
     assert info["model"] == "test_convnext" and info["classes"] == [str(d) for d in range(10)]
-    for name in ("config.yaml", "last.safetensors", "last.state.pt", "loss.png", "accuracy.png"):
+    for name in ("config.yaml", "last.safetensors", "checkpoints/LATEST", "loss.png", "metrics.png"):
         assert (digits_run / name).stat().st_size > 0, name
     assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
     # EMA is on by default: its weights after the last epoch are kept beside the model's.
-    _, ema_info = read_checkpoint_info(digits_run / "last_ema.safetensors")
+    _, ema_info = read_checkpoint(digits_run / "last_ema.safetensors")
     assert ema_info["epoch"] == 3 and ema_info["top1"] == pytest.approx(float(rows[-1]["ema_val_top1"]))
 
 
@@ -51,7 +51,7 @@ def test_eval_reproduces_the_run_accuracy(
     digits_run: Path, capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
     best = digits_run / "best.safetensors"
-    _, info = read_checkpoint_info(best)
+    _, info = read_checkpoint(best)
     matrix_png = tmp_path / "cm.png"
     assert main(["eval", str(best), "--json", "--confusion-matrix", str(matrix_png)]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -124,16 +124,16 @@ def test_image_folder_finetune_from_digits(
     _write_folder(tmp_path / "shapes", per_class=32)
     data, finetune = str(tmp_path / "shapes"), str(digits_run / "best.safetensors")
     args = [*FAST_RUN, "--data", data, "--epochs", "2", "--batch-size", "16", "--hflip", "0",
-            "--finetune", finetune, "--output", str(tmp_path), "--experiment", "ft"]  # fmt: skip
+            "--pretrained", finetune, "--output", str(tmp_path), "--experiment", "ft"]  # fmt: skip
     assert main(["train", *args]) == 0
     out = capsys.readouterr().out
     assert "train: 96 images, 3 classes" in out and "val: 48 images, 3 classes" in out
     assert "classifier initialised afresh: head.fc.bias 10→3, head.fc.weight 10×64→3×64" in out
-    state_dict, info = read_checkpoint_info(tmp_path / "ft" / "best.safetensors")
+    state_dict, info = read_checkpoint(tmp_path / "ft" / "best.safetensors")
     assert info["classes"] == ["disc", "horizontal", "vertical"]
     assert state_dict["head.fc.weight"].shape[0] == 3
     assert info["top1"] > 60.0  # chance is 33%
-    digits_weights, _ = read_checkpoint_info(digits_run / "best.safetensors")
+    digits_weights, _ = read_checkpoint(digits_run / "best.safetensors")
     # the body started from the digits weights: its first layer moved only a little
     patch = "stem.0.weight"
     assert torch.dist(state_dict[patch], digits_weights[patch]) < 0.5 * digits_weights[patch].norm()

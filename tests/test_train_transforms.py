@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sepvit.train.data import build_transforms, posterize
+from sepvit.train.data import posterize, train_transform
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),
@@ -28,8 +28,7 @@ def test_posterize_keeps_the_given_bits():
 @pytest.mark.parametrize("policy", ["rand-m10-n3-mstd0-inc1", "augmix-m10-w3", "v0"])
 def test_policies_at_full_magnitude_run_on_small_images(policy):
     """RandAugment's increasing posterize keeps 0 bits at magnitude 10 (Pillow 12 refuses 0 bits)."""
-    config = {"aa": policy, "scale": (0.85, 1.0), "hflip": 0.0, "reprob": 0.0}
-    transform = build_transforms(config, DATA_CONFIG, training=True)
+    transform = train_transform(DATA_CONFIG, aa=policy, scale=(0.85, 1.0), hflip=0.0, reprob=0.0)
     ops = [op for step in transform.transforms for op in getattr(step, "ops", ())]
     ops += [op for step in transform.transforms for policy in getattr(step, "policy", ()) for op in policy]
     posterizes = [op for op in ops if op.name.startswith("Posterize")]

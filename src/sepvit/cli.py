@@ -1,10 +1,17 @@
-"""The ``sepvit`` command: one entry point, one sub-command module per capability."""
+"""The ``sepvit`` command: one entry point, one sub-command module per capability.
+
+Only here do the library's exceptions become messages: a :class:`~sepvit.errors.SepViTError` is
+printed as one line ``sepvit COMMAND: error: ...`` with exit code 1 when a run could not go on
+(:class:`~sepvit.errors.TrainingError`) and 2 for bad input, options or files.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from sepvit.errors import SepViTError, TrainingError
 
 # Each module exposes ``register(subparsers)``, adding its sub-commands with ``set_defaults(func=...)``;
 # ``func(args)`` returns the process exit code.
@@ -15,10 +22,6 @@ COMMAND_MODULES = (
     "sepvit.export.cli",
     "sepvit.dense.cli",
 )
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     from sepvit.utils.memory import keep_freed_memory
 
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # every command runs large tensors; see sepvit.utils.memory
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     try:
         return int(args.func(args) or 0)
-    except CliError as error:
-        print(f"sepvit {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except SepViTError as error:
+        print(f"sepvit {command}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 1 if isinstance(error, TrainingError) else 2

@@ -52,24 +52,26 @@ def run_bench(args: argparse.Namespace) -> int:
     from sepvit.bench.measure import BenchSettings, run_benchmark
     from sepvit.bench.models import UnknownModelError, model_subjects
     from sepvit.bench.report import format_table, write_outputs
-    from sepvit.cli import CliError
+    from sepvit.errors import ConfigError
 
     if not args.models and not args.blocks:
-        raise CliError("name at least one model or preset, or pass --blocks")
+        raise ConfigError("name at least one model or preset, or pass --blocks")
     if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise CliError("--img-size takes H or H W")
+        raise ConfigError("--img-size takes H or H W")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"device {args.device!r} requested but CUDA is not available")
+        raise ConfigError(f"device {args.device!r} requested but CUDA is not available")
     if "onnxruntime" in args.backend and args.dtype == "bf16":
-        raise CliError("the onnxruntime backend runs fp32 or fp16, not bf16")
+        raise ConfigError("the onnxruntime backend runs fp32 or fp16, not bf16")
     if min(args.batch_size, args.rounds, args.latency_iters) < 1 or args.warmup < 0:
-        raise CliError("--batch-size, --rounds and --latency-iters must be at least 1, --warmup at least 0")
+        raise ConfigError(
+            "--batch-size, --rounds and --latency-iters must be at least 1, --warmup at least 0"
+        )
     img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     try:
         subjects = table1_subjects(tuple(args.backend)) if args.blocks else []
         subjects += model_subjects(args.models, tuple(args.backend), img_size)
     except UnknownModelError as error:
-        raise CliError(str(error)) from error
+        raise ConfigError(str(error)) from error
     settings = BenchSettings(
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
         deploy=args.deploy, warmup=args.warmup, rounds=args.rounds,

@@ -13,12 +13,11 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from sepvit.engine.checkpoint import read_weights
+from sepvit.errors import CheckpointError
+
 # A checkpoint that covers less than this share of the backbone's tensors is not one for it.
 MIN_LOADED_FRACTION = 0.5
-
-
-class CheckpointMismatchError(ValueError):
-    """A classification checkpoint that does not fit the backbone it is loaded into."""
 
 
 def create_features(
@@ -76,18 +75,6 @@ class LoadReport:
         )
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Weights (DDP ``module.`` prefix removed) and ``sepvit train``'s description of them, if any."""
-    from sepvit.cli import CliError
-    from sepvit.train.checkpoint import read_weights
-
-    try:
-        state, info = read_weights(path)
-    except CliError as error:
-        raise CheckpointMismatchError(str(error)) from error
-    return {k.removeprefix("module."): v for k, v in state.items()}, info
-
-
 def _flat_name(name: str) -> str:
     # timm's feature wrappers rename "stages.0.x" to "stages_0.x" (FeatureListNet) or prefix "model.".
     return name.removeprefix("model.").replace(".", "_")
@@ -100,13 +87,13 @@ def load_classification_checkpoint(
 
     The checkpoint goes through the model family's ``checkpoint_filter_fn`` against a classifier
     built for the same ``img_size``, which adapts window tokens to the new window grid; the
-    classifier head is dropped. Raises ``CheckpointMismatchError`` when shapes disagree or most
+    classifier head is dropped. Raises ``CheckpointError`` when shapes disagree or most
     of the backbone is not in the checkpoint (another model, or not a checkpoint of ours).
     """
-    checkpoint, info = read_state_dict(path)
+    checkpoint, info = read_weights(path)
     trained_as = (info or {}).get("model")
     if trained_as and trained_as != model_name:
-        raise CheckpointMismatchError(f"checkpoint {path} holds {trained_as}, not {model_name}")
+        raise CheckpointError(f"checkpoint {path} holds {trained_as}, not {model_name}")
     reference = create_features(model_name, img_size=img_size, features_only=False)
     filter_fn = getattr(sys.modules[type(reference).__module__], "checkpoint_filter_fn", None)
     filtered = dict(checkpoint)
@@ -114,7 +101,7 @@ def load_classification_checkpoint(
         try:
             filtered = filter_fn(dict(checkpoint), reference)
         except Exception as error:  # a foreign checkpoint can break a filter in any way
-            raise CheckpointMismatchError(f"checkpoint {path} does not fit {model_name}: {error}") from error
+            raise CheckpointError(f"checkpoint {path} does not fit {model_name}: {error}") from error
     report = LoadReport()
     by_flat_name = {_flat_name(name): name for name in filtered}
     target_state = features.state_dict()
@@ -134,7 +121,7 @@ def load_classification_checkpoint(
     report.unexpected = sorted(by_flat_name.values())  # the classifier head, and anything foreign
     total = len(target_state)
     if report.mismatched or len(report.loaded) < MIN_LOADED_FRACTION * total:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit {model_name}: " + report.summary().replace("\n  ", "; ")
         )
     features.load_state_dict(to_load, strict=False)

@@ -15,20 +15,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from sepvit.engine.data import is_image_file, open_image
+from sepvit.errors import DataError
+
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class DatasetError(ValueError):
-    """A dataset that is missing, laid out wrongly or holds a broken file."""
-
-
-def read_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise DatasetError(f"cannot read image {path}: {error}") from error
 
 
 class CocoDetection(Dataset):
@@ -48,7 +38,7 @@ class CocoDetection(Dataset):
         annotation_file = self.root / "annotations" / f"instances_{split}.json"
         self.image_dir = self.root / split
         if not annotation_file.is_file() or not self.image_dir.is_dir():
-            raise DatasetError(
+            raise DataError(
                 f"{self.root} is not a COCO-format dataset for split {split!r}: expected "
                 f"annotations/instances_{split}.json and the folder {split}/"
             )
@@ -56,11 +46,18 @@ class CocoDetection(Dataset):
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                 self.coco = COCO(str(annotation_file))
         except (ValueError, KeyError, TypeError) as error:
-            raise DatasetError(f"cannot parse {annotation_file}: {error}") from error
+            raise DataError(f"cannot parse {annotation_file}: {error}") from error
         self.image_ids = sorted(self.coco.getImgIds())
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.image_ids or not self.category_ids:
-            raise DatasetError(f"{annotation_file} lists no images or no categories")
+            raise DataError(f"{annotation_file} lists no images or no categories")
+        used = {a.get("category_id") for a in self.coco.dataset.get("annotations", [])}
+        unknown = sorted(used - set(self.category_ids), key=str)
+        if unknown:
+            raise DataError(
+                f"{annotation_file}: annotations use category_id {', '.join(map(repr, unknown[:5]))}, "
+                "which the categories list does not define"
+            )
         self.label_of_category = {category: i + 1 for i, category in enumerate(self.category_ids)}
         self.class_names = [self.coco.cats[category]["name"] for category in self.category_ids]
         self.transforms = transforms
@@ -78,7 +75,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]
-        image = read_rgb(self.image_path(index))
+        image = open_image(self.image_path(index))
         width, height = image.size
         annotations = [
             a
@@ -98,7 +95,7 @@ class CocoDetection(Dataset):
             masks = [self.coco.annToMask(a) for a in annotations]
             stacked = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
             if stacked.shape[1:] != (height, width):
-                raise DatasetError(f"masks of image {image_id} do not match its size {height}x{width}")
+                raise DataError(f"masks of image {image_id} do not match its size {height}x{width}")
             target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))
         pixels = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))
         if self.transforms is not None:
@@ -126,26 +123,26 @@ class ADE20KSegmentation(Dataset):
         self.root = Path(root)
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         if not image_dir.is_dir() or not label_dir.is_dir():
-            raise DatasetError(
+            raise DataError(
                 f"{self.root} is not an ADE20K-format dataset for split {split!r}: expected "
                 f"images/{split}/ and annotations/{split}/"
             )
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
         if not self.images:
-            raise DatasetError(f"no images in {image_dir}")
+            raise DataError(f"no images in {image_dir}")
         self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
         missing = [p.name for p in self.labels if not p.is_file()]
         if missing:
-            raise DatasetError(f"{len(missing)} label PNGs missing in {label_dir}, e.g. {missing[0]}")
+            raise DataError(f"{len(missing)} label PNGs missing in {label_dir}, e.g. {missing[0]}")
         classes_file = self.root / "classes.txt"
         names = classes_file.read_text().split("\n") if classes_file.is_file() else []
         self.class_names = [name.strip() for name in names if name.strip()]
         if num_classes is None:
             if not self.class_names:
-                raise DatasetError(f"{self.root} has no classes.txt: give the number of classes")
+                raise DataError(f"{self.root} has no classes.txt: give the number of classes")
             num_classes = len(self.class_names)
         if self.class_names and len(self.class_names) != num_classes:
-            raise DatasetError(f"classes.txt names {len(self.class_names)} classes, expected {num_classes}")
+            raise DataError(f"classes.txt names {len(self.class_names)} classes, expected {num_classes}")
         self.class_names = self.class_names or [str(i) for i in range(num_classes)]
         self.num_classes = num_classes
         self.transforms = transforms
@@ -160,23 +157,23 @@ class ADE20KSegmentation(Dataset):
             with Image.open(path) as file:
                 label = torch.from_numpy(np.array(file, dtype=np.int64))
         except (OSError, UnidentifiedImageError) as error:
-            raise DatasetError(f"cannot read label map {path}: {error}") from error
+            raise DataError(f"cannot read label map {path}: {error}") from error
         if label.ndim != 2:
-            raise DatasetError(f"label map {path} has {label.ndim} dimensions, expected a single channel")
+            raise DataError(f"label map {path} has {label.ndim} dimensions, expected a single channel")
         if self.reduce_zero_label:
             label = torch.where(label == 0, IGNORE_INDEX, label - 1)
         valid = label[label != IGNORE_INDEX]
         if valid.numel() and int(valid.max()) >= self.num_classes:
-            raise DatasetError(
+            raise DataError(
                 f"label map {path} holds class {int(valid.max())}, beyond {self.num_classes} classes"
             )
         return label
 
     def __getitem__(self, index: int):
-        image = read_rgb(self.images[index])
+        image = open_image(self.images[index])
         label = self.read_label(index)
         if label.shape != (image.height, image.width):
-            raise DatasetError(
+            raise DataError(
                 f"{self.labels[index]} is {tuple(label.shape)}, its image {image.height}x{image.width}"
             )
         pixels = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))
@@ -227,7 +224,7 @@ class SegmentationEvalDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image = read_rgb(self.dataset.images[index])
+        image = open_image(self.dataset.images[index])
         pixels = self.resize(tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1)))
         return v2.functional.to_dtype(pixels, torch.float32, scale=True), self.dataset.read_label(index)
 

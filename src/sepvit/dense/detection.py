@@ -19,7 +19,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from sepvit.dense.backbone import BackboneWithFPN, image_mean_std
+from sepvit.dense.backbone import BackboneWithFPN, create_features, image_mean_std
 from sepvit.dense.data import CocoDetection, collate_detection
 from sepvit.dense.metrics import coco_map, detections_to_coco
 
@@ -74,6 +74,20 @@ def build_detector(
             **common,
         )
     raise ValueError(f"unknown detector {arch!r}; choose from {', '.join(DETECTORS)}")
+
+
+def build_detection_model(info: dict, drop_path_rate: float = 0.0) -> nn.Module:
+    """The detector a checkpoint's description (or a task's configuration) specifies."""
+    body = create_features(info["model"], img_size=info["img_size"], drop_path_rate=drop_path_rate)
+    return build_detector(
+        info["arch"],
+        body,
+        info["num_classes"],
+        min_size=tuple(info["train_min_sizes"]),
+        max_size=info["max_size"],
+        fpn_channels=info["fpn_channels"],
+        rois_per_image=info["rois_per_image"],
+    )
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from sepvit.dense.backbone import image_mean_std
+from sepvit.dense.backbone import create_features, image_mean_std
 from sepvit.dense.data import IGNORE_INDEX
 from sepvit.dense.metrics import ConfusionMatrix
 
@@ -150,6 +150,12 @@ class Segmenter(nn.Module):
                 aux_logits, labels, ignore_index=IGNORE_INDEX
             )
         return losses
+
+
+def build_segmentation_model(info: dict, drop_path_rate: float = 0.0) -> Segmenter:
+    """The segmenter a checkpoint's description (or a task's configuration) specifies."""
+    body = create_features(info["model"], img_size=info["img_size"], drop_path_rate=drop_path_rate)
+    return Segmenter(body, info["head"], info["num_classes"], head_channels=info["head_channels"])
 
 
 @torch.no_grad()

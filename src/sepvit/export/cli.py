@@ -37,32 +37,28 @@ def register(subparsers) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from sepvit.bench.models import UnknownModelError, create_model_at_size, default_input_size
-    from sepvit.cli import CliError
-    from sepvit.errors import MissingExtraError
-    from sepvit.export import ExportError, ExportMismatchError, compare_outputs, export_onnx, operator_census
+    from sepvit.errors import ConfigError
+    from sepvit.export import ExportMismatchError, compare_outputs, export_onnx, operator_census
     from sepvit.export.onnx_export import prepare_deploy
     from sepvit.utils import count_params
 
     if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise CliError("--img-size takes H or H W")
+        raise ConfigError("--img-size takes H or H W")
     img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     try:
         model = create_model_at_size(args.model, img_size)
-    except (UnknownModelError, MissingExtraError) as error:
-        raise CliError(str(error)) from error
+    except UnknownModelError as error:
+        raise ConfigError(str(error)) from error
     channels, height, width = default_input_size(args.model)
     if img_size:
         height, width = img_size
     if args.deploy:
         model = prepare_deploy(model)
     output = args.output or Path(f"{args.model}.onnx")
-    try:
-        exported = export_onnx(
-            model, output, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
-            opset=args.opset, name=args.model,
-        )  # fmt: skip
-    except (ExportError, MissingExtraError) as error:
-        raise CliError(str(error)) from error
+    exported = export_onnx(
+        model, output, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
+        opset=args.opset, name=args.model,
+    )  # fmt: skip
     size_mb = exported.path.stat().st_size / 2**20
     print(f"{args.model}: {count_params(model) / 1e6:.2f} M params -> {exported.path} ({size_mb:.1f} MiB)")
     print(f"  graph input {exported.input_name} {list(exported.input_shape)}, opset {exported.opset}, "
@@ -86,8 +82,6 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"  FAILED: {error}")
             comparisons, status = [], 1
             report["failure"] = str(error)
-        except (ExportError, MissingExtraError) as error:
-            raise CliError(str(error)) from error
         for result in comparisons:
             print(f"  ONNX Runtime vs PyTorch {list(result.input_shape)}: max abs diff "
                   f"{result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e}) ok")  # fmt: skip

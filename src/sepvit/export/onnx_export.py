@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sepvit.errors import ExportError
 from sepvit.layers import prepare_for
 from sepvit.utils.extras import require
 
@@ -51,10 +52,6 @@ UNIVERSAL_OPERATORS = frozenset(
         "Gather(shape)", "Gather(select)",
     }
 )  # fmt: skip
-
-
-class ExportError(RuntimeError):
-    """An export that failed, with the model, the stage and the operator or module responsible."""
 
 
 class ExportMismatchError(ExportError):

@@ -10,6 +10,7 @@ import time
 import timm
 import torch
 
+from sepvit.errors import ConfigError
 from sepvit.models import create_model, list_models, published_top1
 from sepvit.utils import count_macs, count_params
 
@@ -36,9 +37,7 @@ def _weights_cell(tagged_name: str) -> str:
 def print_table(pattern: str, image_size: int, repeats: int) -> int:
     names = list_models(pattern)
     if not names:
-        from sepvit.cli import CliError
-
-        raise CliError(f"no model matches {pattern!r}; models: {', '.join(list_models())}")
+        raise ConfigError(f"no model matches {pattern!r}; models: {', '.join(list_models())}")
     header = (
         f"{'model':<24}{'params (M)':>12}{'GMACs':>10}{'CPU ms (bs 1)':>16}   {'weights':<26}{'top-1':>6}"
     )

@@ -9,17 +9,14 @@ JPEG, PNG, BMP, GIF, TIFF or WebP. Every file is opened and checked when the dat
 files that cannot be read as images are skipped, counted and reported with their names. A file that
 passes that check but fails to decode later (e.g. truncated) stops the run with an error naming it.
 
-Augmentation is random per image but reproducible: each image's transform draws from a generator
-seeded by (seed, epoch, index), so the same images get the same augmentation whatever the number of
-processes or loader workers, and a resumed run continues exactly.
+Augmentation is random per image but reproducible: the engine seeds each image's transform by
+(seed, epoch, index) (:class:`sepvit.engine.data.SeededItems`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,18 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
-from sepvit.cli import CliError
+from sepvit.engine.data import IMAGE_EXTENSIONS, check_image, is_image_file, open_image
+from sepvit.errors import ConfigError, DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 VAL_FOLDER_NAMES = ("val", "validation")
-
-
-class ImageDecodeError(RuntimeError):
-    """An image that passed the initial check could not be decoded."""
 
 
 @dataclass
@@ -71,29 +64,20 @@ def load_digits_split(split: str, img_size: int) -> ImageSet:
     return ImageSet([str(d) for d in range(10)], images, digits.target[chosen].tolist())
 
 
-def _check_image(path: Path) -> str | None:
-    """None if ``path`` opens as an image, else the reason it does not."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:  # PIL raises many types for a bad file
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
 def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> ImageSet:
     """Images of ``split_dir/<class>/*``; unreadable files are skipped and listed."""
     if not split_dir.is_dir():
-        raise CliError(f"image folder {split_dir} does not exist")
+        what = "is not a folder" if split_dir.exists() else "does not exist"
+        raise DataError(f"image folder {split_dir} {what}")
     try:
         found = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     except OSError as error:
-        raise CliError(f"cannot read image folder {split_dir}: {error.strerror or error}") from error
+        raise DataError(f"cannot read image folder {split_dir}: {error.strerror or error}") from error
     if not found:
-        raise CliError(f"image folder {split_dir} has no class folders (expected {split_dir}/<class>/*.jpg)")
+        raise DataError(f"image folder {split_dir} has no class folders (expected {split_dir}/<class>/*.jpg)")
     if classes is not None and found != list(classes):
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-        raise CliError(
+        raise DataError(
             f"classes of {split_dir} differ from the training classes: "
             f"missing {missing or 'none'}, extra {extra or 'none'}"
         )
@@ -104,13 +88,13 @@ def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> 
             files = sorted(
                 Path(entry.path)
                 for entry in os.scandir(class_dir)
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                if entry.is_file() and is_image_file(entry.name)
             )
         except OSError as error:
-            raise CliError(f"cannot read class folder {class_dir}: {error.strerror or error}") from error
+            raise DataError(f"cannot read class folder {class_dir}: {error.strerror or error}") from error
         readable = 0
         for path in files:
-            reason = _check_image(path)
+            reason = check_image(path)
             if reason is None:
                 image_set.items.append(path)
                 image_set.labels.append(label)
@@ -119,7 +103,7 @@ def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> 
                 image_set.skipped.append((str(path), reason))
         if readable == 0:
             what = "no readable images" if files else f"no image files ({', '.join(IMAGE_EXTENSIONS)})"
-            raise CliError(f"class folder {class_dir} has {what}")
+            raise DataError(f"class folder {class_dir} has {what}")
     return image_set
 
 
@@ -127,7 +111,7 @@ def find_val_dir(root: Path) -> Path:
     for name in VAL_FOLDER_NAMES:
         if (root / name).is_dir():
             return root / name
-    raise CliError(f"{root} has no val/ folder (expected {root}/val/<class>/*.jpg)")
+    raise DataError(f"{root} has no val/ folder (expected {root}/val/<class>/*.jpg)")
 
 
 def load_image_sets(data: str, img_size: int) -> tuple[ImageSet, ImageSet]:
@@ -135,120 +119,62 @@ def load_image_sets(data: str, img_size: int) -> tuple[ImageSet, ImageSet]:
     if data == "digits":
         return load_digits_split("train", img_size), load_digits_split("val", img_size)
     root = Path(data)
-    if not root.exists():
-        raise CliError(
-            f"data folder {root} does not exist (use --data digits or a folder with train/ and val/)"
-        )
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data folder {root} {what} (use --data digits or a folder with train/ and val/)")
     if not (root / "train").is_dir():
-        raise CliError(f"{root} has no train/ folder (expected {root}/train/<class>/*.jpg)")
+        raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/*.jpg)")
     train = scan_image_folder(root / "train")
     return train, scan_image_folder(find_val_dir(root), train.classes)
 
 
-def open_image(item: Any) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path; a decoding failure names the file."""
-    if isinstance(item, Image.Image):
-        return item
-    try:
-        with Image.open(item) as image:
-            return image.convert("RGB")
-    except Exception as error:
-        raise ImageDecodeError(f"cannot decode image {item}: {error}") from error
+class ClassificationImages(Dataset):
+    """(transformed image, label) pairs of an :class:`ImageSet`."""
 
-
-@contextlib.contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's CPU generators, restoring them afterwards."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-
-
-class TransformedImages(Dataset):
-    """An :class:`ImageSet` with a transform seeded per (seed, epoch, index)."""
-
-    def __init__(self, image_set: ImageSet, transform: Callable, seed: int = 0) -> None:
+    def __init__(self, image_set: ImageSet, transform: Callable) -> None:
         self.image_set = image_set
         self.transform = transform
-        self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.image_set.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = open_image(self.image_set.items[index])
-        with seeded_rng(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF):
-            tensor = self.transform(image)
-        return tensor, self.image_set.labels[index]
+        item = self.image_set.items[index]
+        image = item if isinstance(item, Image.Image) else open_image(item)
+        return self.transform(image), self.image_set.labels[index]
 
 
-class ShardedSampler(Sampler[int]):
-    """This process's share of a (shuffled) epoch, optionally starting part-way through.
-
-    Training: every process permutes all indices with the same (seed, epoch) generator and takes
-    every ``world_size``-th from ``rank``; the permutation is truncated to a multiple of the global
-    batch so all processes run the same number of steps. Evaluation (``shuffle=False``): indices in
-    order, strided, nothing dropped or repeated.
-    """
-
-    def __init__(
-        self, size: int, rank: int, world_size: int, shuffle: bool, seed: int = 0, global_batch: int = 1
-    ) -> None:
-        self.size, self.rank, self.world_size = size, rank, world_size
-        self.shuffle, self.seed, self.global_batch = shuffle, seed, global_batch
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch = epoch
-        self.skip = skip_batches * (self.global_batch // self.world_size)
-
-    def _indices(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.rank, self.size, self.world_size))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        order = order[: self.size // self.global_batch * self.global_batch]
-        return order[self.rank :: self.world_size][self.skip :]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        return len(self._indices())
+def _common(data_config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("input_size", "interpolation", "mean", "std")
+    return {key: data_config[key] for key in keys}
 
 
-def build_transforms(config: dict[str, Any], data_config: dict[str, Any], training: bool) -> Callable:
-    """timm's train (RandAugment, random erasing, ...) or eval transform for this configuration."""
+def eval_transform(data_config: dict[str, Any]) -> Callable:
+    """timm's evaluation transform: resize, centre crop of ``crop_pct``, normalise."""
     from timm.data import create_transform
 
-    common = dict(
-        input_size=data_config["input_size"],
-        interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
-    )
-    if not training:
-        return create_transform(**common, crop_pct=data_config["crop_pct"])
-    aa = config["aa"]
-    transform = create_transform(
-        **common,
-        is_training=True,
-        scale=tuple(config["scale"]),
-        hflip=config["hflip"],
-        color_jitter=0.0,
-        auto_augment=None if aa in (None, "none", "") else aa,
-        re_prob=config["reprob"],
-        re_mode="pixel",
-    )
+    return create_transform(**_common(data_config), crop_pct=data_config["crop_pct"])
+
+
+def train_transform(
+    data_config: dict[str, Any], aa: str, scale: tuple[float, float], hflip: float, reprob: float
+) -> Callable:
+    """timm's training transform: random resized crop, flip, auto-augment, random erasing."""
+    from timm.data import create_transform
+
+    try:
+        transform = create_transform(
+            **_common(data_config),
+            is_training=True,
+            scale=tuple(scale),
+            hflip=hflip,
+            color_jitter=0.0,
+            auto_augment=None if aa in (None, "none", "") else aa,
+            re_prob=reprob,
+            re_mode="pixel",
+        )
+    except (AssertionError, ValueError, KeyError) as error:
+        raise ConfigError(f"--aa {aa!r} is not a timm auto-augment policy ({error})") from error
     for step in transform.transforms:
         # RandAugment and AugMix keep a list of ops, AutoAugment a list of sub-policies.
         ops = [*getattr(step, "ops", ()), *(op for policy in getattr(step, "policy", ()) for op in policy)]
@@ -269,27 +195,6 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return ImageOps.posterize(img, bits_to_keep)
-
-
-def make_loader(
-    dataset: Dataset,
-    sampler: ShardedSampler,
-    batch_size: int,
-    workers: int,
-    drop_last: bool,
-    pin_memory: bool,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        # A private generator: creating an iterator must not draw from the global RNG, or a resumed
-        # run (which creates one more) would diverge from an uninterrupted one.
-        generator=torch.Generator().manual_seed(0),
-    )
 
 
 def describe(image_set: ImageSet, name: str) -> str:

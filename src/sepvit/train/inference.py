@@ -10,57 +10,58 @@ import numpy as np
 import torch
 from torch import nn
 
-from sepvit.cli import CliError
-from sepvit.train import checkpoint as ckpt
-from sepvit.train.data import (
-    ImageDecodeError,
-    ShardedSampler,
-    TransformedImages,
-    build_transforms,
-    describe,
-    load_image_sets,
-    make_loader,
-    open_image,
-)
-from sepvit.train.distributed import DistContext, choose_device
-from sepvit.train.engine import amp_dtype, create_model, data_config_for, default_img_size, evaluate
-from sepvit.train.plots import plot_confusion_matrix
+from sepvit.engine import checkpoint as ckpt
+from sepvit.engine.data import open_image
+from sepvit.engine.distributed import single_process
+from sepvit.engine.optim import amp_dtype
+from sepvit.engine.reporting import log, pyplot, save_figure
+from sepvit.errors import ConfigError
+from sepvit.train.data import ClassificationImages, describe, eval_transform, load_image_sets
+from sepvit.train.models import create_model, data_config_for, default_img_size
+from sepvit.train.task import classification_loader, evaluate
 
 PREDICT_BATCH = 64
 
 
 def load_model(
-    path: str, model_name: str | None = None, num_classes: int | None = None, img_size: int | None = None
+    path: str,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    classes: list[str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a checkpoint describes, with its weights; ``model_name`` loads a plain state dict."""
+    """The model a checkpoint describes, with its weights; ``model_name`` loads a plain state dict
+    (whose class names are ``classes`` when given, else 0..N-1)."""
     if model_name is None:
-        state_dict, info = ckpt.read_checkpoint_info(path)
+        state_dict, info = ckpt.read_checkpoint(path, "classify")
     else:
         state_dict, info = ckpt.read_weights(path)
+    ckpt.check_finite(state_dict, f"checkpoint {path}")
     if info is not None and model_name is None:
-        kwargs = info["model_kwargs"]
-        model, _ = create_model(info["model"], len(info["classes"]), kwargs.get("img_size"))
+        model, _ = create_model(info["model"], len(info["classes"]), info["model_kwargs"].get("img_size"))
         ckpt.load_strict(model, state_dict, path)
         return model.eval(), info
     if num_classes is None:
-        num_classes = len(info["classes"]) if info else None
+        num_classes = len(info["classes"]) if info else (len(classes) if classes else None)
     if num_classes is None:
-        raise CliError(f"{path} does not say how many classes it has: pass --num-classes")
+        raise ConfigError(f"{path} does not say how many classes it has: pass --num-classes")
     size = img_size or default_img_size(model_name)
     model, kwargs = create_model(model_name, num_classes, size)
     ckpt.load_strict(model, state_dict, path)
+    if info:
+        names = info["classes"]
+    elif classes is not None and len(classes) == num_classes:
+        names = list(classes)
+    else:
+        names = [str(i) for i in range(num_classes)]
     info = {
         "model": model_name,
         "model_kwargs": kwargs,
-        "classes": info["classes"] if info else [str(i) for i in range(num_classes)],
+        "classes": names,
         "data": info["data"] if info else None,
         "data_config": data_config_for(model, size, "auto"),
     }
     return model.eval(), info
-
-
-def _device(name: str) -> DistContext:
-    return DistContext(0, 1, 0, choose_device(name))
 
 
 def run_eval(
@@ -71,40 +72,38 @@ def run_eval(
     device: str,
     amp: str,
     confusion_matrix: str | None,
-    as_json: bool,
+    quiet: bool,
     model_name: str | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 and loss of a checkpoint on the validation images of ``data``."""
-    model, info = load_model(path, model_name, num_classes, img_size)
+    if model_name is not None and not data:
+        raise ConfigError("pass --data (digits or a folder) with --model: a plain state dict names no data")
+    val_set = None
+    if model_name is not None:
+        # A plain state dict has no class names: the data's folders give them.
+        _, val_set = load_image_sets(data, img_size or default_img_size(model_name))
+    model, info = load_model(path, model_name, num_classes, img_size, val_set.classes if val_set else None)
     data = data or info.get("data")
     if not data:
-        raise CliError("pass --data (digits or a folder): the checkpoint does not name its data")
-    context = _device(device)
+        raise ConfigError("pass --data (digits or a folder): the checkpoint does not name its data")
+    context = single_process(device)
     data_config = info["data_config"]
-    _, val_set = load_image_sets(data, data_config["input_size"][-1])
+    if val_set is None:
+        _, val_set = load_image_sets(data, data_config["input_size"][-1])
     if val_set.classes != info["classes"]:
-        raise CliError(
+        raise ConfigError(
             f"the classes of {data} ({len(val_set.classes)}) differ from the checkpoint's "
             f"({len(info['classes'])}): {val_set.classes[:10]} vs {info['classes'][:10]}"
         )
-    if not as_json:
-        print(describe(val_set, "val"), flush=True)
-    dataset = TransformedImages(val_set, build_transforms({}, data_config, training=False))
-    loader = make_loader(
-        dataset,
-        ShardedSampler(len(val_set.items), 0, 1, False),
-        batch_size,
-        workers,
-        drop_last=False,
-        pin_memory=context.device.type == "cuda",
+    if not quiet:
+        log(describe(val_set, "val"))
+    loader = classification_loader(
+        ClassificationImages(val_set, eval_transform(data_config)), batch_size, workers, context
     )
     model.to(context.device)
-    try:
-        metrics = evaluate(model, loader, context, amp_dtype(amp, context.device), collect=True)
-    except ImageDecodeError as error:
-        raise CliError(str(error)) from error
+    metrics = evaluate(model, loader, context, amp_dtype(amp, context.device), collect=True)
     result = {
         "checkpoint": str(path),
         "data": data,
@@ -123,15 +122,6 @@ def run_eval(
     return result
 
 
-def _load_for_prediction(image_path: str, transform) -> torch.Tensor:
-    if not Path(image_path).is_file():
-        raise CliError(f"image {image_path} does not exist")
-    try:
-        return transform(open_image(Path(image_path)))
-    except ImageDecodeError as error:
-        raise CliError(str(error)) from error
-
-
 def run_predict(
     path: str,
     images: list[str],
@@ -143,15 +133,12 @@ def run_predict(
 ) -> list[dict[str, Any]]:
     """The ``top_k`` classes and probabilities of each image file."""
     model, info = load_model(path, model_name, num_classes, img_size)
-    transform = build_transforms({}, info["data_config"], training=False)
-    context = _device(device)
+    transform = eval_transform(info["data_config"])
+    context = single_process(device)
     model.to(context.device)
     chunks = []
     for start in range(0, len(images), PREDICT_BATCH):
-        batch = [
-            _load_for_prediction(image_path, transform)
-            for image_path in images[start : start + PREDICT_BATCH]
-        ]
+        batch = [transform(open_image(image_path)) for image_path in images[start : start + PREDICT_BATCH]]
         with torch.no_grad():
             chunks.append(model(torch.stack(batch).to(context.device)).float().softmax(dim=1).cpu())
     probabilities = torch.cat(chunks)
@@ -177,3 +164,25 @@ def format_predictions(results: list[dict[str, Any]], as_json: bool) -> str:
         + ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in result["predictions"])
         for result in results
     )
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Counts of (true class, predicted class), annotated when there are few classes."""
+    plt = pyplot()
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    ticks = np.arange(len(classes))
+    axis.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0)
+    axis.set_yticks(ticks, classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if len(classes) <= 30:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (row, col), count in np.ndenumerate(matrix):
+            color = "white" if count > threshold else "black"
+            axis.text(col, row, str(count), ha="center", va="center", fontsize=8, color=color)
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+    return path

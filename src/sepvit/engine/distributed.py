@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from sepvit.cli import CliError
+from sepvit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,18 @@ def choose_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CliError(f"--device {name}: no CUDA GPU is available")
+            raise ConfigError(f"--device {name}: no CUDA GPU is available")
         if name == "cuda":
             name = f"cuda:{local_rank}"
     try:
         return torch.device(name)
     except RuntimeError as error:
-        raise CliError(f"--device {name!r} is not a device ({error})") from error
+        raise ConfigError(f"--device {name!r} is not a device ({error})") from error
+
+
+def single_process(device_name: str = "auto") -> DistContext:
+    """The context of a command that runs in this process only (eval, predict)."""
+    return DistContext(0, 1, 0, choose_device(device_name))
 
 
 def init_distributed(device_name: str) -> DistContext:
@@ -72,6 +78,24 @@ def any_process(flag: bool, context: DistContext) -> bool:
 def barrier(context: DistContext) -> None:
     if context.distributed:
         dist.barrier()
+
+
+def from_main(value: Any, context: DistContext) -> Any:
+    """Rank 0's ``value`` in every process (any picklable object)."""
+    if not context.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather(value: Any, context: DistContext) -> list[Any]:
+    """Every process's ``value``, in rank order, in every process."""
+    if not context.distributed:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def shutdown(context: DistContext) -> None:
