@@ -80,7 +80,7 @@ def test_coco_reader_names_missing_layout_and_broken_images(tmp_path, coco_root)
     document = json.loads((coco_root / "annotations" / "instances_val.json").read_text())
     (broken / "annotations" / "instances_val.json").write_text(json.dumps(document))
     (broken / "val" / document["images"][0]["file_name"]).write_bytes(b"\x89PNG truncated")
-    with pytest.raises(DataError, match="cannot decode image"):
+    with pytest.raises(DataError, match="cannot read image"):
         CocoDetection(broken, "val")[0]
 
 

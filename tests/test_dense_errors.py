@@ -45,7 +45,7 @@ def test_a_broken_image_in_a_loader_worker_is_one_line(tmp_path: Path, capsys: p
     argv = [*SEGMENT, "--data", str(ade), "--workers", "1", "--output", str(tmp_path), "--experiment", "run"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("sepvit segment train: error: cannot decode image")
+    assert err.count("\n") == 1 and err.startswith("sepvit segment train: error: cannot read image")
     assert str(broken) in err and "Traceback" not in err
 
 

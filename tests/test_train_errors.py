@@ -140,7 +140,7 @@ def test_image_that_fails_to_decode_later_is_named(tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:-800])  # the header still verifies, the pixels do not decode
     image_set = scan_image_folder(tmp_path / "train")
-    with pytest.raises(DataError, match=f"cannot decode image {path}"):
+    with pytest.raises(DataError, match=f"cannot read image {path}"):
         ClassificationImages(image_set, lambda image: image)[0]
 
 

@@ -162,7 +162,7 @@ def test_a_truncated_validation_image_loses_no_epoch(tmp_path: Path, capsys: pyt
     ]
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"cannot decode image {bad}" in err
+    assert err.count("\n") == 1 and f"cannot read image {bad}" in err
     assert "the run was saved at epoch 1, step 1" in err and f"--resume {tmp_path / 'run'}" in err
     bad.write_bytes(good)
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0

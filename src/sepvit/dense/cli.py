@@ -164,7 +164,7 @@ def _report(metrics: dict, args: argparse.Namespace, prefix: str = "") -> None:
 
 
 def _image_paths(inputs: list[Path]) -> list[Path]:
-    from sepvit.engine.data import is_image_file
+    from sepvit.data_io import is_image_file
 
     paths = []
     for item in inputs:
@@ -183,7 +183,8 @@ def _predictions(args: argparse.Namespace):
     """(image path, output PNG path, image tensor in [0, 1]) for each input; output names never collide."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from sepvit.engine.data import open_image, output_names
+    from sepvit.data_io import open_image
+    from sepvit.engine.data import output_names
     from sepvit.engine.files import make_folder
 
     paths = _image_paths(args.images)

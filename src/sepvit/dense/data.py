@@ -15,8 +15,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from sepvit.engine.data import is_image_file, open_image
+from sepvit.data_io import is_image_file, open_image
 from sepvit.errors import DataError
+from sepvit.utils.extras import require
 
 IGNORE_INDEX = 255
 
@@ -32,7 +33,7 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, transforms=None, with_masks: bool = False):
-        from pycocotools.coco import COCO
+        COCO = require("pycocotools.coco", "dense").COCO
 
         self.root = Path(root)
         annotation_file = self.root / "annotations" / f"instances_{split}.json"

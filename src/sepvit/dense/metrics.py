@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+from sepvit.utils.extras import require
 
 # COCOeval.stats order for both box and mask evaluation.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -32,14 +32,14 @@ def detections_to_coco(
         }
         if masks is not None:
             binary = (masks[index, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
-            rle = mask_utils.encode(np.asfortranarray(binary))
+            rle = require("pycocotools.mask", "dense").encode(np.asfortranarray(binary))
             record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
         records.append(record)
     return records
 
 
 def coco_map(
-    coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int] | None = None
+    coco_gt: Any, results: list[dict], iou_type: str, image_ids: list[int] | None = None
 ) -> dict[str, float]:
     """COCO AP, AP50, AP75 and AP by object size for ``iou_type`` 'bbox' or 'segm', as fractions.
 
@@ -49,7 +49,7 @@ def coco_map(
         return dict.fromkeys(COCO_STAT_NAMES, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
         coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator = require("pycocotools.cocoeval", "dense").COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = list(image_ids)
         evaluator.evaluate()
@@ -94,7 +94,7 @@ class ConfusionMatrix:
         }
 
 
-def whole_image_detections(coco_gt: COCO, image_ids: list[int], with_masks: bool = False) -> list[dict]:
+def whole_image_detections(coco_gt: Any, image_ids: list[int], with_masks: bool = False) -> list[dict]:
     """The trivial detector: per image, one box (and mask) covering the whole image for every
     category, all with the same score. Its COCO AP is the floor a trained detector must clear."""
     records = []
@@ -109,7 +109,9 @@ def whole_image_detections(coco_gt: COCO, image_ids: list[int], with_masks: bool
                 "score": 1.0,
             }
             if with_masks:
-                rle = mask_utils.encode(np.asfortranarray(np.ones((height, width), np.uint8)))
+                rle = require("pycocotools.mask", "dense").encode(
+                    np.asfortranarray(np.ones((height, width), np.uint8))
+                )
                 record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
             records.append(record)
     return records

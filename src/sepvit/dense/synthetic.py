@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
+
+from sepvit.utils.extras import require
 
 SHAPE_NAMES = ("circle", "square", "triangle")
 SEGMENTATION_CLASS_NAMES = ("background", *SHAPE_NAMES)
@@ -137,6 +138,7 @@ def _coco_document(scenes: list[Scene], split: str) -> dict:
         height, width = scene.image.shape[:2]
         images.append({"id": image_id, "file_name": f"{image_id:06d}.png", "height": height, "width": width})
         for mask, label in zip(scene.masks, scene.labels):
+            mask_utils = require("pycocotools.mask", "dense")
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             annotations.append(
                 {

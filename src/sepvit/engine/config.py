@@ -20,9 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from sepvit.errors import ConfigError
+from sepvit.utils.extras import require
 
 AUTO = "auto"
 # Keys of a command line that are not part of a run's configuration file.
@@ -335,6 +334,7 @@ def read_config_file(path: str | Path, config_type: type[TrainConfig]) -> dict[s
         raise ConfigError(f"config file {path} does not exist")
     try:
         text = path.read_text()
+        yaml = require("yaml", "train")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from error

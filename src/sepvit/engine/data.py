@@ -1,4 +1,5 @@
-"""Data plumbing every task shares: opening images, per-item seeding, sharded sampling, loaders.
+"""Data plumbing every task shares: image files (decoded by :func:`sepvit.data_io.open_image`),
+per-item seeding, sharded sampling, loaders.
 
 Augmentation is random per item but reproducible: :class:`SeededItems` draws each item's
 randomness from generators seeded by (seed, epoch, index), so the same item gets the same
@@ -9,7 +10,6 @@ exactly. :class:`ShardedSampler` gives each process its share of an epoch and ca
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -20,30 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-from sepvit.errors import DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The RGB image of a file: the one place where train, eval, predict and the dense tasks decode
-    images; a failure names the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except IsADirectoryError:
-        raise DataError(f"image {path} is a folder, not a file") from None
-    except PermissionError as error:
-        raise DataError(f"cannot read image {path}: {error.strerror}") from None
-    except Exception as error:  # Pillow raises many types for a bad file
-        raise DataError(f"cannot decode image {path}: {error}") from error
 
 
 def check_image(path: Path) -> str | None:

@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -40,6 +39,7 @@ from sepvit.engine.files import make_folder, write_text
 from sepvit.engine.optim import amp_dtype, autocast, build_optimizer, build_scheduler
 from sepvit.engine.reporting import Progress, TensorBoard, epoch_summary, log, try_plot_curves, write_csv
 from sepvit.errors import CheckpointError, ConfigError, DataError, SepViTError, TrainingError
+from sepvit.utils.extras import require
 
 
 @dataclass(frozen=True)
@@ -557,7 +557,10 @@ class Trainer:
         config, context = self.config, self.context
         if context.is_main:
             make_folder(self.run_dir, "run folder")
-            write_text(self.run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            write_text(
+                self.run_dir / "config.yaml",
+                require("yaml", "train").safe_dump(config.to_dict(), sort_keys=False),
+            )
             log(f"run folder: {self.run_dir}")
             params = sum(p.numel() for p in self.model.parameters()) / 1e6
             log(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sepvit.engine.files import WRITE_ERRORS, reason, write_atomically, write_text
+from sepvit.utils.extras import require
 
 # Columns every task's metrics.csv starts and ends with; the task's own metrics go in between.
 LEADING_COLUMNS = ("epoch",)
@@ -36,9 +37,7 @@ class Progress:
         self.images = 0
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(
+            self.bar = require("tqdm", "train").tqdm(
                 total=total_steps,
                 initial=start_step,
                 desc=f"epoch {epoch}/{epochs}",
@@ -110,9 +109,7 @@ class TensorBoard:
     def __init__(self, log_dir: Path | None) -> None:
         self.writer = None
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = require("torch.utils.tensorboard", "train").SummaryWriter(str(log_dir))
 
     def epoch(self, row: dict[str, Any]) -> None:
         if self.writer is None:
@@ -128,12 +125,8 @@ class TensorBoard:
 
 
 def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "train").use("Agg")
+    return require("matplotlib.pyplot", "train")
 
 
 def save_figure(figure, path: Path) -> Path:

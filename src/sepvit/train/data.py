@@ -26,8 +26,10 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from sepvit.engine.data import IMAGE_EXTENSIONS, check_image, is_image_file, open_image
+from sepvit.data_io import IMAGE_SUFFIXES, is_image_file, open_image
+from sepvit.engine.data import check_image
 from sepvit.errors import ConfigError, DataError
+from sepvit.utils.extras import require
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -46,10 +48,8 @@ class ImageSet:
 
 def load_digits_split(split: str, img_size: int) -> ImageSet:
     """The digits ``train`` or ``val`` (test) split as RGB PIL images of ``img_size`` pixels."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "train").load_digits()
+    train_test_split = require("sklearn.model_selection", "train").train_test_split
     indices = np.arange(len(digits.target))
     train_idx, test_idx = train_test_split(
         indices, test_size=DIGITS_TEST_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
@@ -102,7 +102,7 @@ def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> 
             else:
                 image_set.skipped.append((str(path), reason))
         if readable == 0:
-            what = "no readable images" if files else f"no image files ({', '.join(IMAGE_EXTENSIONS)})"
+            what = "no readable images" if files else f"no image files ({', '.join(IMAGE_SUFFIXES)})"
             raise DataError(f"class folder {class_dir} has {what}")
     return image_set
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sepvit.data_io import open_image
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.data import open_image
 from sepvit.engine.distributed import single_process
 from sepvit.engine.optim import amp_dtype
 from sepvit.engine.reporting import log, pyplot, save_figure
