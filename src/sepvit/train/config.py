@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from sepvit.cli import CliError
+from sepvit.train.data import DIGITS_DATA
 
 AUTO = "auto"
 
@@ -87,7 +88,9 @@ TRAIN_OPTION_GROUPS: dict[str, list[Option]] = {
             "data",
             "digits",
             "'digits' (scikit-learn's bundled 8×8 digits, 80/20 stratified split "
-            "with random_state=0) or a folder with train/<class>/* and val/<class>/* images",
+            "with random_state=0; val is the test split), 'digits-val' (digits' train split alone, "
+            "split again the same way, for choosing a recipe without the test images) or a folder "
+            "with train/<class>/* and val/<class>/* images",
             metavar="DIGITS|DIR",
         ),
         Option(
@@ -334,7 +337,7 @@ def apply_recipe_defaults(config: dict[str, Any], world_size: int) -> dict[str, 
     for key, value in recipe.items():
         if config.get(key) == AUTO:
             config[key] = value
-    is_digits = config["data"] == "digits"
+    is_digits = config["data"] in DIGITS_DATA
     if config["hflip"] == AUTO:
         config["hflip"] = 0.0 if is_digits else 0.5
     if config["workers"] == AUTO:

@@ -25,6 +25,7 @@ from sepvit.cli import CliError
 from sepvit.train import checkpoint as ckpt
 from sepvit.train.config import apply_recipe_defaults, saved_config
 from sepvit.train.data import (
+    DIGITS_DATA,
     ImageDecodeError,
     ShardedSampler,
     TransformedImages,
@@ -129,7 +130,7 @@ class StopRequest:
 
 
 def _new_run_dir(config: dict[str, Any]) -> Path:
-    data_name = "digits" if config["data"] == "digits" else Path(config["data"]).name
+    data_name = config["data"] if config["data"] in DIGITS_DATA else Path(config["data"]).name
     name = config["experiment"] or f"{config['model']}-{data_name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config["output"]) / name
     if ckpt.weights_path(run_dir, ckpt.LAST).exists():
