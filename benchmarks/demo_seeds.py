@@ -108,6 +108,7 @@ def run_seed(seed: int, data: str, output: Path, threads: int, demo_args: list[s
         return {"seed": seed, "error": f"exit code {process.returncode}: {last[0]}", "seconds": seconds}
     top1, images = float(match.group(1)), int(match.group(2))
     speeds = [float(value) for value in THROUGHPUT.findall(process.stdout)]
+    print(f"seed {seed}: top-1 {top1:.2f}% in {seconds:.0f} s", file=sys.stderr, flush=True)
     return {
         "seed": seed,
         "top1": top1,
