@@ -6,6 +6,7 @@ not the accuracy targets: those need the whole recipe (docs/training.md).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -25,6 +26,13 @@ SHORT_DEMO = ["--epochs", "1", "--limit-train", "64", "--batch-size", "32"]
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("demo_seeds", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_validation_split_is_carved_from_train_and_never_touches_test() -> None:
@@ -93,16 +101,16 @@ def test_two_short_seeds_report_per_seed_results_summary_and_baselines(tmp_path:
     assert f"{fixed['top1']:.2f}% validation top-1" in screen
 
 
-def test_a_failing_run_is_reported_and_the_script_exits_1(tmp_path: Path) -> None:
-    result = run_script("--seeds", "3", "--output", str(tmp_path), "--epochs", "0")
-    assert result.returncode == 1
-    assert (
-        "| 3 | failed: exit code 2: " in result.stdout
-        and "--epochs must be a positive integer" in result.stdout
-    )
+def test_a_failing_run_is_reported_and_the_script_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert load_script().main(["--seeds", "3", "--output", str(tmp_path), "--epochs", "0"]) == 1
+    screen = capsys.readouterr().out
+    assert "| 3 | failed: exit code 2: " in screen and "--epochs must be a positive integer" in screen
 
 
 @pytest.mark.parametrize("seeds", [["2-x"], ["1", "0-2"]])
-def test_bad_seeds_are_refused(seeds: list[str]) -> None:
-    result = run_script("--seeds", *seeds)
-    assert result.returncode == 2 and "seed" in result.stderr and "Traceback" not in result.stderr
+def test_bad_seeds_are_refused(seeds: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--seeds", *seeds])
+    assert exit_info.value.code == 2 and "seed" in capsys.readouterr().err
