@@ -144,6 +144,7 @@ def train_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     from sepvit.engine.checkpoint import LAST, LAST_EMA, weights_path
     from sepvit.engine.run import run_training
+    from sepvit.train.data import DIGITS_VAL
     from sepvit.train.inference import run_eval
     from sepvit.train.task import ClassificationTask
 
@@ -166,9 +167,10 @@ def demo_command(args: argparse.Namespace) -> int:
         True,
     )
     minutes, seconds = divmod(time.perf_counter() - start, 60)
+    split = "validation" if config.data == DIGITS_VAL else "test"
     print(
-        f"\ntest top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['images']} "
-        f"{config.data} test images, {int(minutes)} min {seconds:.0f} s in all"
+        f"\n{split} top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['images']} "
+        f"{config.data} {split} images, {int(minutes)} min {seconds:.0f} s in all"
     )
     print(f"checkpoint: {final}")
     print(f"plots: {', '.join(str(p) for p in result.plots)}, {metrics['confusion_matrix']}")

@@ -2,7 +2,9 @@
 
 Digits: scikit-learn's bundled 1,797 handwritten 8×8 digits, split 80/20 stratified by class with
 ``random_state=0`` (1,437 train, 360 test images), drawn as dark ink on a white background and
-upsampled (bicubic) to the model's input size. Nothing is downloaded.
+upsampled (bicubic) to the model's input size. Nothing is downloaded. ``digits-val`` is for choosing
+a recipe without looking at the test images: it leaves them out and splits the 1,437 training images
+again, 80/20 stratified with ``random_state=0`` (1,149 train, 288 validation images).
 
 Image folders: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (``validation`` also accepted),
 JPEG, PNG, BMP, GIF, TIFF or WebP. Every file is opened and checked when the dataset is built;
@@ -33,6 +35,9 @@ from sepvit.utils.extras import require
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DIGITS = "digits"
+DIGITS_VAL = "digits-val"  # the training images split again into train and validation
+DIGITS_DATA = (DIGITS, DIGITS_VAL)
 VAL_FOLDER_NAMES = ("val", "validation")
 
 
@@ -46,15 +51,27 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def load_digits_split(split: str, img_size: int) -> ImageSet:
-    """The digits ``train`` or ``val`` (test) split as RGB PIL images of ``img_size`` pixels."""
-    digits = require("sklearn.datasets", "train").load_digits()
+def digits_split_indices(data: str = DIGITS) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into scikit-learn's digits of the training and evaluation images of ``data``.
+
+    ``digits``: the fixed train/test split. ``digits-val``: the train part alone, split again the
+    same way (stratified, fixed), so the test images are in neither part.
+    """
+    labels = require("sklearn.datasets", "train").load_digits().target
     train_test_split = require("sklearn.model_selection", "train").train_test_split
-    indices = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(
-        indices, test_size=DIGITS_TEST_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
-    )
-    chosen = train_idx if split == "train" else test_idx
+    fixed_split = dict(test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), stratify=labels, **fixed_split)
+    if data == DIGITS:
+        return train_idx, test_idx
+    return train_test_split(train_idx, stratify=labels[train_idx], **fixed_split)
+
+
+def load_digits_split(split: str, img_size: int, data: str = DIGITS) -> ImageSet:
+    """The ``train`` or ``val`` split of ``data`` (``digits``: val is the test split) as RGB PIL
+    images of ``img_size`` pixels."""
+    digits = require("sklearn.datasets", "train").load_digits()
+    train_idx, val_idx = digits_split_indices(data)
+    chosen = train_idx if split == "train" else val_idx
     # Values run 0..16 with 16 the darkest ink; draw dark ink on white paper.
     pixels = (255 - np.round(digits.images[chosen] * (255 / 16))).astype(np.uint8)
     images = [
@@ -115,9 +132,9 @@ def find_val_dir(root: Path) -> Path:
 
 
 def load_image_sets(data: str, img_size: int) -> tuple[ImageSet, ImageSet]:
-    """Training and validation images for ``--data`` (``digits`` or a folder)."""
-    if data == "digits":
-        return load_digits_split("train", img_size), load_digits_split("val", img_size)
+    """Training and validation images for ``--data`` (``digits``, ``digits-val`` or a folder)."""
+    if data in DIGITS_DATA:
+        return load_digits_split("train", img_size, data), load_digits_split("val", img_size, data)
     root = Path(data)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
