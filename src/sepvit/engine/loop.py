@@ -226,6 +226,8 @@ class Trainer:
         train_set = task.train_set
         if config.limit_train is not None:
             train_set = Subset(train_set, range(min(config.limit_train, len(train_set))))
+            if context.is_main:
+                log(f"train: the first {len(train_set)} images (--limit-train)")
         self.global_batch = config.batch_size * context.world_size
         self.updates_per_epoch = len(train_set) // self.global_batch // config.accum_steps
         if self.updates_per_epoch == 0:
