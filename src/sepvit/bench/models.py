@@ -9,6 +9,7 @@ from torch import nn
 
 from sepvit.bench.measure import Subject
 from sepvit.bench.presets import PAPER_TOP1, PRESETS
+from sepvit.utils.extras import require
 
 
 class UnknownModelError(ValueError):
@@ -17,13 +18,9 @@ class UnknownModelError(ValueError):
 
 def _vit_pytorch_sepvit_tiny() -> nn.Module:
     """vit-pytorch's SepViT configured as SepViT-T (96·(1,2,4,8) channels, depths 1,2,6,2, window 7)."""
-    try:
-        from vit_pytorch.sep_vit import SepViT
-    except ImportError as error:
-        raise UnknownModelError(
-            "vitpytorch_sepvit_tiny needs the optional benchmark dependency: pip install vit-pytorch"
-        ) from error
-    return SepViT(num_classes=1000, dim=96, depth=(1, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7)
+    return require("vit_pytorch.sep_vit", "bench").SepViT(
+        num_classes=1000, dim=96, depth=(1, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7
+    )
 
 
 # Models from other libraries that timm does not register.

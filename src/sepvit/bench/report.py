@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from sepvit.bench.measure import BenchResult, BenchRun
+from sepvit.errors import MissingExtraError
+from sepvit.utils.extras import require
 
 COLUMNS = (
     ("model", "{}"),
@@ -69,12 +72,8 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         description["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    try:
-        import onnxruntime
-
-        description["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    with contextlib.suppress(MissingExtraError):
+        description["onnxruntime"] = require("onnxruntime", "export").__version__
     return description
 
 
@@ -177,14 +176,13 @@ def plot(run: BenchRun, path: str | os.PathLike) -> None:
     whose paper top-1 is known, top-1 against throughput with the Pareto front."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    require("matplotlib", "bench").use("Agg")
+    plt = require("matplotlib.pyplot", "bench")
+    ticker = require("matplotlib.ticker", "bench")
+
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
     results = run.results
     colors = {id(result): f"C{index % 10}" for index, result in enumerate(results)}
     with_top1 = [r for r in results if r.top1 is not None]

@@ -38,6 +38,7 @@ def register(subparsers) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from sepvit.bench.models import UnknownModelError, create_model_at_size, default_input_size
     from sepvit.cli import CliError
+    from sepvit.errors import MissingExtraError
     from sepvit.export import ExportError, ExportMismatchError, compare_outputs, export_onnx, operator_census
     from sepvit.export.onnx_export import prepare_deploy
     from sepvit.utils import count_params
@@ -47,7 +48,7 @@ def run_export(args: argparse.Namespace) -> int:
     img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     try:
         model = create_model_at_size(args.model, img_size)
-    except UnknownModelError as error:
+    except (UnknownModelError, MissingExtraError) as error:
         raise CliError(str(error)) from error
     channels, height, width = default_input_size(args.model)
     if img_size:
@@ -60,7 +61,7 @@ def run_export(args: argparse.Namespace) -> int:
             model, output, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
             opset=args.opset, name=args.model,
         )  # fmt: skip
-    except ExportError as error:
+    except (ExportError, MissingExtraError) as error:
         raise CliError(str(error)) from error
     size_mb = exported.path.stat().st_size / 2**20
     print(f"{args.model}: {count_params(model) / 1e6:.2f} M params -> {exported.path} ({size_mb:.1f} MiB)")
@@ -85,7 +86,7 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"  FAILED: {error}")
             comparisons, status = [], 1
             report["failure"] = str(error)
-        except ExportError as error:
+        except (ExportError, MissingExtraError) as error:
             raise CliError(str(error)) from error
         for result in comparisons:
             print(f"  ONNX Runtime vs PyTorch {list(result.input_shape)}: max abs diff "

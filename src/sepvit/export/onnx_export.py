@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sepvit.layers.windows import fixed_input_size
+from sepvit.utils.extras import require
 
 # Operators every ONNX runtime implements: dense algebra, elementwise math, normalisation, shape
 # bookkeeping. Deliberately absent: gathers/scatters with index tensors (GatherND, ScatterND,
@@ -175,10 +176,13 @@ def export_onnx(
 
     The batch axis is dynamic (traced with ``example_batch`` > 1 so it is not specialised); height
     and width too when ``dynamic_size``. ``fp16`` exports a half-precision copy. The file is written
-    atomically. Raises :class:`ExportError` naming the failing operator or module.
+    atomically. Raises :class:`ExportError` naming the failing operator or module, and
+    :class:`~sepvit.errors.MissingExtraError` without the ``export`` extra.
     """
-    import onnx
     from torch.export import Dim
+
+    onnx = require("onnx", "export")
+    require("onnxscript", "export")  # torch.onnx's exporter translates with it
 
     name = name or type(model).__name__
     path = Path(path)
@@ -229,8 +233,7 @@ def export_onnx(
 
 def onnxruntime_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
     """An ONNX Runtime session on the CPU, or with the CUDA provider first for ``device="cuda"``."""
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "export")
     providers = ["CPUExecutionProvider"]
     if str(device).startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -304,8 +307,7 @@ def operator_census(path: str | os.PathLike, allowed: frozenset[str] = UNIVERSAL
     ``Gather(shape)`` and one that takes a single slice at a constant scalar index as
     ``Gather(select)``, apart from gathers with index tensors (lookup tables, index tricks).
     """
-    import onnx
-
+    onnx = require("onnx", "export")
     proto = onnx.load(str(path), load_external_data=False)
     counts: Counter = Counter()
     scalar_constants = {tensor.name for tensor in proto.graph.initializer if not tensor.dims}
