@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from sepvit.utils.extras import require
+
 TaskName = Literal["pair-sum", "single"]
 TASKS: tuple[str, ...] = ("pair-sum", "single")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -74,10 +76,10 @@ class TaskSplit:
 
 def digit_pools(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The bundled digits split into train/val/test pools, stratified: (ink in [0, 1], classes)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    datasets = require("sklearn.datasets", extra="train")
+    train_test_split = require("sklearn.model_selection", extra="train").train_test_split
 
-    digits = load_digits()
+    digits = datasets.load_digits()
     ink = digits.images.astype(np.float32) / 16.0
     indices = np.arange(len(digits.target))
     rest, test = train_test_split(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor, nn
 
-from sepvit.utils.extras import import_optional
+from sepvit.utils.extras import require
 
 
 def last_stage(model: nn.Module) -> nn.Module:
@@ -19,8 +19,8 @@ def last_stage(model: nn.Module) -> nn.Module:
 
 def grad_cam(model: nn.Module, image: Tensor, target: int | None = None) -> np.ndarray:
     """Class activation map (H, W) in [0, 1] of one image (1, 3, H, W) for ``target`` (default: top-1)."""
-    cams = import_optional("pytorch_grad_cam", extra="explain")
-    targets_module = import_optional("pytorch_grad_cam.utils.model_targets", extra="explain")
+    cams = require("pytorch_grad_cam", extra="explain")
+    targets_module = require("pytorch_grad_cam.utils.model_targets", extra="explain")
     channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
     reshape = (lambda x: x.permute(0, 3, 1, 2)) if channels_last else None
     targets = None if target is None else [targets_module.ClassifierOutputTarget(target)]
@@ -32,5 +32,5 @@ def grad_cam(model: nn.Module, image: Tensor, target: int | None = None) -> np.n
 
 def overlay(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """``heat`` (H, W) in [0, 1] over an RGB image (H, W, 3) in [0, 1], as uint8 RGB."""
-    image_utils = import_optional("pytorch_grad_cam.utils.image", extra="explain")
+    image_utils = require("pytorch_grad_cam.utils.image", extra="explain")
     return image_utils.show_cam_on_image(rgb.astype(np.float32), heat, use_rgb=True)
