@@ -7,7 +7,8 @@ extras of the package (see ``[project.optional-dependencies]`` in pyproject.toml
 - ``export``: onnx, onnxruntime, onnxscript
 - ``dense``: ``train`` and pycocotools
 - ``bench``: ``export``, matplotlib and vit-pytorch (a peer model)
-- ``all``: all four; ``dev``: ``all``, segmentation-models-pytorch and the test tools
+- ``explain``: grad-cam (Grad-CAM overlays)
+- ``all``: all five; ``dev``: ``all``, segmentation-models-pytorch and the test tools
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from types import ModuleType
 
 from sepvit.errors import MissingExtraError
 
-EXTRAS = ("train", "export", "dense", "bench", "smp", "all", "dev")
+EXTRAS = ("train", "export", "dense", "bench", "explain", "smp", "all", "dev")
 
 
 def require(module: str, extra: str) -> ModuleType:

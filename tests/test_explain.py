@@ -1,0 +1,49 @@
+"""Grad-CAM maps and the effective receptive field measure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import sepvit  # noqa: F401  (registers the models)
+from sepvit.explain import effective_receptive_field, grad_cam, outside_share, overlay
+
+
+def test_outside_share_of_known_gradients() -> None:
+    centred = torch.zeros(1, 32, 32)
+    centred[0, 14:18, 14:18] = 1.0
+    uniform = torch.ones(1, 32, 32)
+    assert outside_share(centred, 8).item() == 0.0
+    assert outside_share(uniform, 8).item() == pytest.approx(1 - 64 / 1024)
+
+
+def test_receptive_field_grows_with_depth_and_stays_local_in_a_convnet() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10)
+    images = torch.randn(2, 3, 128, 128)
+    early = effective_receptive_field(model, images, window=48, stage=1)
+    late = effective_receptive_field(model, images, window=48, stage=-1)
+    assert early < 0.05  # a few 3×3 convolutions never reach 24 px from the centre
+    assert late > early
+
+
+def test_global_attention_reaches_the_whole_image() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("sepvit_lite", img_size=64, num_classes=10)
+    for parameter in model.parameters():  # random, non-trivial weights everywhere
+        torch.nn.init.normal_(parameter, std=0.05)
+    share = effective_receptive_field(model, torch.randn(2, 3, 64, 64), window=16, stage=-1)
+    assert 0.3 < share < 1
+
+
+def test_grad_cam_map_and_overlay() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("sepvit_lite", img_size=64, num_classes=10)
+    image = torch.rand(1, 3, 64, 64)
+    heat = grad_cam(model, image, target=3)
+    assert heat.shape == (64, 64)
+    assert heat.min() >= 0 and heat.max() <= 1 + 1e-6
+    picture = overlay(image[0].permute(1, 2, 0).numpy(), heat)
+    assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
