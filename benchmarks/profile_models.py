@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sepvit.bench.models import create_model, default_input_size
+from sepvit.models.names import create_model, default_input_size
 from sepvit.utils import keep_freed_memory
 
 PROFILE_ITERS = 2  # forwards per profiling session

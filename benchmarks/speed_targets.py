@@ -23,7 +23,8 @@ from pathlib import Path
 from sepvit.bench.blocks import table1_subjects
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, run_benchmark
 from sepvit.bench.models import model_subjects
-from sepvit.bench.report import format_table, write_outputs, write_text_atomic
+from sepvit.bench.report import format_table, write_outputs
+from sepvit.engine.files import write_text
 from sepvit.utils import keep_freed_memory
 
 SEPVIT, SWIN, VIT_PYTORCH = "sepvit_tiny", "swin_tiny_patch4_window7_224", "vitpytorch_sepvit_tiny"
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         targets += block_targets(run)
     summary = [target.line() for target in targets]
     print("\n".join(summary))
-    write_text_atomic(args.out_dir / "targets.txt", f"{command}\n" + "\n".join(summary) + "\n")
+    write_text(args.out_dir / "targets.txt", f"{command}\n" + "\n".join(summary) + "\n")
     return 0 if all(target.met for target in targets) else 1
 
 

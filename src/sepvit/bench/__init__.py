@@ -1,8 +1,9 @@
 """Side-by-side benchmarks: params, GMACs, throughput, latency, memory and achieved FLOP rate."""
 
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, Subject, run_benchmark
-from sepvit.bench.models import UnknownModelError, create_model, resolve_model_names
+from sepvit.bench.models import resolve_model_names
 from sepvit.bench.presets import PAPER_TOP1, PRESETS
+from sepvit.models.names import UnknownModelError, create_model
 
 __all__ = [
     "PAPER_TOP1",

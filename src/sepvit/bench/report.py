@@ -7,11 +7,12 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sepvit.bench.measure import BenchResult, BenchRun
+from sepvit.engine.files import write_text
+from sepvit.engine.reporting import save_figure
 from sepvit.errors import MissingExtraError
 from sepvit.utils.extras import require
 
@@ -28,24 +29,6 @@ COLUMNS = (
     ("% of matmul", "{:.0%}"),
     ("top-1 (paper)", "{}"),
 )
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    write_bytes_atomic(path, text.encode())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def machine_description(device: str = "cpu") -> dict[str, Any]:
@@ -174,7 +157,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def plot(run: BenchRun, path: str | os.PathLike) -> None:
     """Throughput against GMACs (with lines of equal share of the matmul rate) and, for the models
     whose paper top-1 is known, top-1 against throughput with the Pareto front."""
-    import io
 
     import numpy as np
 
@@ -222,10 +204,8 @@ def plot(run: BenchRun, path: str | os.PathLike) -> None:
             axis.set_major_formatter(plain)
             axis.set_minor_formatter(plain)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    save_figure(figure, Path(path))
     plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_outputs(run: BenchRun, out_dir: str | os.PathLike, command: str | None = None) -> dict[str, Path]:
@@ -236,7 +216,8 @@ def write_outputs(run: BenchRun, out_dir: str | os.PathLike, command: str | None
         "markdown": out_dir / "results.md",
         "plot": out_dir / "throughput.png",
     }
-    write_text_atomic(paths["json"], to_json(run, command))
-    write_text_atomic(paths["markdown"], to_markdown(run, command))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(paths["json"], to_json(run, command))
+    write_text(paths["markdown"], to_markdown(run, command))
     plot(run, paths["plot"])
     return paths

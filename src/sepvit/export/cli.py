@@ -36,19 +36,16 @@ def register(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from sepvit.bench.models import UnknownModelError, create_model_at_size, default_input_size
     from sepvit.errors import ConfigError
     from sepvit.export import ExportMismatchError, compare_outputs, export_onnx, operator_census
     from sepvit.export.onnx_export import prepare_deploy
+    from sepvit.models.names import create_model_at_size, default_input_size
     from sepvit.utils import count_params
 
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         raise ConfigError("--img-size takes H or H W")
     img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
-    try:
-        model = create_model_at_size(args.model, img_size)
-    except UnknownModelError as error:
-        raise ConfigError(str(error)) from error
+    model = create_model_at_size(args.model, img_size)
     channels, height, width = default_input_size(args.model)
     if img_size:
         height, width = img_size
@@ -96,7 +93,7 @@ def run_export(args: argparse.Namespace) -> int:
     report["operators"] = dict(census.counts.most_common())
     report["non_universal_operators"] = unexpected
     if args.json:
-        from sepvit.bench.report import write_text_atomic
+        from sepvit.engine.files import write_text
 
-        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
     return status
