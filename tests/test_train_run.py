@@ -137,3 +137,23 @@ def test_image_folder_finetune_from_digits(
     # the body started from the digits weights: its first layer moved only a little
     patch = "stem.0.weight"
     assert torch.dist(state_dict[patch], digits_weights[patch]) < 0.5 * digits_weights[patch].norm()
+
+
+@pytest.mark.slow
+def test_json_prints_the_outcome_on_stdout_and_logs_on_stderr(
+    digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    run_args = ["--epochs", "4", "--json"]
+    assert main(["train", "--resume", str(digits_run.parent / "copy"), *run_args]) == 2  # no such run
+    capsys.readouterr()
+    fast = [arg if arg != "640" else "64" for arg in FAST_RUN]
+    assert (
+        main(["train", *fast, "--epochs", "1", "--output", str(tmp_path), "--experiment", "j", "--json"]) == 0
+    )
+    captured = capsys.readouterr()
+    outcome = json.loads(captured.out)
+    assert outcome["run_dir"] == str(tmp_path / "j") and outcome["epochs"] == 1
+    assert outcome["interrupted_by"] is None and outcome["last"]["epoch"] == 1
+    assert outcome["best"]["epoch"] == 1 and Path(outcome["weights"]["best"]).is_file()
+    assert "run folder:" in captured.err and "run folder:" not in captured.out

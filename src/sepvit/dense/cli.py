@@ -125,8 +125,8 @@ def _train(args: argparse.Namespace) -> int:
         task_type.kind.run_defining,
         default_preset=_default_preset(args),
     )
-    code, result = run_training(task_type(config), resume_dir)
-    if result is not None and result.history and not result.interrupted_by:
+    code, result = run_training(task_type(config), resume_dir, args.json)
+    if result is not None and result.history and not result.interrupted_by and not args.json:
         last = result.history[-1]
         shown = ", ".join(
             f"{k[4:]} {v:.4f}" for k, v in last.items() if k.startswith("val_") and v is not None

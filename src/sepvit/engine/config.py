@@ -323,6 +323,11 @@ def add_command_options(parser: argparse.ArgumentParser, presets: Mapping[str, A
         help="continue a run exactly from its folder: its config.yaml is reused; --epochs, --lr and "
         "other schedule or logging options given here are applied, options that define the run are refused",
     )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run's outcome as JSON on standard output (the log goes to standard error)",
+    )
 
 
 def read_config_file(path: str | Path, config_type: type[TrainConfig]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ be written); 2 bad input (missing path, unreadable data, a checkpoint that does 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 
 from sepvit.engine.config import add_command_options, add_options, resolve_run_config
@@ -138,36 +140,41 @@ def train_command(args: argparse.Namespace) -> int:
     from sepvit.train.task import ClassificationTask
 
     config, resume_dir = resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)
-    return run_training(ClassificationTask(config), resume_dir)[0]
+    return run_training(ClassificationTask(config), resume_dir, args.json)[0]
 
 
 def demo_command(args: argparse.Namespace) -> int:
     from sepvit.engine.checkpoint import LAST, LAST_EMA, weights_path
-    from sepvit.engine.run import run_training
+    from sepvit.engine.run import print_json, run_summary, run_training
     from sepvit.train.data import DIGITS_VAL
     from sepvit.train.inference import run_eval
     from sepvit.train.task import ClassificationTask
 
     start = time.perf_counter()
     config, resume_dir = resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)
-    code, result = run_training(ClassificationTask(config), resume_dir)
-    if code != 0 or result is None:
-        return code
-    # The final weights (EMA's when EMA is on), not the best epoch: digits has no validation split
-    # apart from the test split, so picking the best epoch would select on the test images.
-    final = weights_path(result.run_dir, LAST_EMA if config.model_ema else LAST)
-    metrics = run_eval(
-        str(final),
-        config.data,
-        256,
-        0,
-        config.device,
-        "none",
-        str(result.run_dir / "confusion_matrix.png"),
-        True,
-    )
-    minutes, seconds = divmod(time.perf_counter() - start, 60)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        code, result = run_training(ClassificationTask(config), resume_dir)
+        if code != 0 or result is None:
+            return code
+        # The final weights (EMA's when EMA is on), not the best epoch: digits has no validation split
+        # apart from the test split, so picking the best epoch would select on the test images.
+        final = weights_path(result.run_dir, LAST_EMA if config.model_ema else LAST)
+        metrics = run_eval(
+            str(final),
+            config.data,
+            256,
+            0,
+            config.device,
+            "none",
+            str(result.run_dir / "confusion_matrix.png"),
+            True,
+        )
+    elapsed = time.perf_counter() - start
     split = "validation" if config.data == DIGITS_VAL else "test"
+    if args.json:
+        print_json({**run_summary(result), "evaluated": str(final), split: metrics, "seconds": elapsed})
+        return 0
+    minutes, seconds = divmod(elapsed, 60)
     print(
         f"\n{split} top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['images']} "
         f"{config.data} {split} images, {int(minutes)} min {seconds:.0f} s in all"
