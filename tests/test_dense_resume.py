@@ -105,7 +105,7 @@ def test_sigterm_and_sigkill_at_random_times_then_resume_give_the_straight_run(t
     argv = ["segment", "train", "--data", str(data), "--head", "fpn", "--crop-size", "64", "--head-channels",
             "16", "--model", "sepvit_lite", "--epochs", "3", "--batch-size", "2", "--lr", "1e-3",
             "--warmup-steps", "1", "--model-ema", "--ema-decay", "0.9", "--workers", "0", "--no-tensorboard",
-            "--device", "cpu", "--output", str(tmp_path)]  # fmt: skip
+            "--log-interval", "1", "--device", "cpu", "--output", str(tmp_path)]  # fmt: skip
     assert main([*argv, "--experiment", "straight"]) == 0
 
     run = tmp_path / "killed"
@@ -117,12 +117,22 @@ def test_sigterm_and_sigkill_at_random_times_then_resume_give_the_straight_run(t
         started = (run / "checkpoints" / "LATEST").exists()  # else killed before its first save
         args = ["segment", "train", "--resume", str(run)] if started else [*argv, "--experiment", "killed"]
         process = subprocess.Popen(
-            [*command, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        time.sleep(rng.uniform(6, 14))  # the import takes a few seconds; training and saves follow
-        process.send_signal(signal.SIGKILL if attempt % 2 else signal.SIGTERM)
+        # Kill at a random point of the run's own progress, whatever the machine's speed: after the
+        # k-th progress line, then a random fraction of a step later (which can land inside a save).
+        progress_lines, target = 0, rng.randint(1, 4)
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            progress_lines += line.startswith("epoch ")
+            if progress_lines == target:
+                time.sleep(rng.uniform(0.0, 0.3))
+                process.send_signal(signal.SIGKILL if attempt % 2 else signal.SIGTERM)
+                break
+        output.append(process.stdout.read())
         code = process.wait(timeout=120)
-        assert code in (0, -signal.SIGKILL, 128 + signal.SIGTERM, -signal.SIGTERM), process.stderr.read()
+        assert code in (0, -signal.SIGKILL, 128 + signal.SIGTERM, -signal.SIGTERM), "".join(output)
         interrupted += code != 0
         if not (run / "checkpoints" / "LATEST").exists():  # killed before the first save: start again
             shutil.rmtree(run, ignore_errors=True)
