@@ -228,3 +228,17 @@ def test_token_grid_resizing_is_bilinear_interpolation(grid):
     tokens = torch.randn(1, 8, 8, 5)
     expected = F.interpolate(tokens.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
     torch.testing.assert_close(swa.resize_token_grid(tokens, grid), expected.permute(0, 2, 3, 1), **TOL)
+
+
+@pytest.mark.parametrize("size", [(8, 12), (10, 13)])  # whole windows; windows that overhang the map
+def test_local_window_attention_is_global_attention_window_by_window(size):
+    torch.manual_seed(0)
+    local = swa.LocalWindowAttention(8, 2, 4).eval()
+    reference = GlobalSelfAttention(8, 2).eval()
+    reference.load_state_dict(local.state_dict())
+    x = torch.randn(2, *size, 8)
+    out = local(x)
+    for top in range(0, size[0], 4):
+        for left in range(0, size[1], 4):
+            window = x[:, top : top + 4, left : left + 4]
+            torch.testing.assert_close(out[:, top : top + 4, left : left + 4], reference(window), **TOL)

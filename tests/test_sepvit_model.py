@@ -244,3 +244,38 @@ def test_torchscript_and_fx_features_match_eager():
         assert [m.shape[1] for m in fx_maps] == [32, 64, 128, 256]
         for fx_map, getter_map in zip(fx_maps, getter_maps, strict=True):
             torch.testing.assert_close(fx_map, getter_map)
+
+
+def test_local_only_stage_one_sees_nothing_beyond_neighbouring_windows():
+    """Changing the pixels of the far corner window changes the stage-1 output of the first window of
+    SepViT (PSA mixes all windows) and leaves it alone in the local-only model (the patch convolution
+    and the position encoding reach one window further at most)."""
+
+    def first_window_change(**kwargs) -> float:
+        torch.manual_seed(0)
+        model = timm.create_model("sepvit_lite", img_size=128, window_size=4, **kwargs).eval()
+        for parameter in model.parameters():  # zero-initialised window tokens would hide nothing
+            torch.nn.init.normal_(parameter, std=0.1)
+        x = torch.randn(1, 3, 128, 128)
+        changed = x.clone()
+        changed[..., 112:, 112:] = torch.randn(1, 3, 16, 16)  # the window at grid (7, 7)
+        with torch.no_grad():
+            (before,), (after,) = (
+                model.forward_intermediates(image, indices=[0], intermediates_only=True)
+                for image in (x, changed)
+            )
+        assert before.shape[-2:] == (32, 32)  # an 8×8 grid of 4×4 windows, as at 224 with 7×7 ones
+        return (after[..., :4, :4] - before[..., :4, :4]).abs().max().item()
+
+    assert first_window_change(local_only=True, block_plan="D,D,D,D") == 0.0
+    assert first_window_change() > 1e-3
+    local = timm.create_model("sepvit_lite", local_only=True, block_plan="D,D,D,D")
+    assert not [name for name, _ in local.named_parameters() if "window_tokens" in name or ".psa." in name]
+    with torch.no_grad():  # TorchScript and torch.fx take the local-only model as they take SepViT
+        x = torch.randn(1, 3, 97, 131)
+        with timm.layers.set_layer_config(scriptable=True):
+            scripted = torch.jit.script(
+                timm.create_model("sepvit_lite", local_only=True, block_plan="D,D,D,D").eval()
+            )
+        scripted.load_state_dict(local.state_dict())
+        torch.testing.assert_close(scripted(x), local.eval()(x))

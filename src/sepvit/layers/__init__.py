@@ -7,6 +7,7 @@ from sepvit.layers.linear_attention import LinearSelfAttention
 from sepvit.layers.separable_window_attention import (
     DepthwiseSelfAttention,
     GlobalSelfAttention,
+    LocalWindowAttention,
     PointwiseSelfAttention,
     SeparableWindowAttention,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "GlobalSelfAttention",
     "Linear",
     "LinearSelfAttention",
+    "LocalWindowAttention",
     "Mlp",
     "PointwiseSelfAttention",
     "ScaledDotProductAttention",

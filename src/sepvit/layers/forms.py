@@ -26,7 +26,7 @@ from sepvit.layers.fused_linear import (
     ScaledDotProductAttention,
     onednn_linear_dtypes,
 )
-from sepvit.layers.separable_window_attention import SeparableWindowAttention
+from sepvit.layers.separable_window_attention import LocalWindowAttention, SeparableWindowAttention
 
 Form = Literal["plain", "cpu_inference", "export"]
 FORMS: tuple[str, ...] = ("plain", "cpu_inference", "export")
@@ -73,6 +73,6 @@ def prepare_for(model: ModuleT, form: Form, *, dynamic_size: bool = True) -> Mod
         if plain is not None:
             # Same parameters and buffers, another forward: the subclasses add no state.
             module.__class__ = swaps.get(plain, plain)
-        if isinstance(module, SeparableWindowAttention):
+        if isinstance(module, (SeparableWindowAttention, LocalWindowAttention)):
             module.size_independent = form == "export" and dynamic_size
     return model

@@ -10,6 +10,9 @@
 * GSA is the same module with windows of 2M×2M (neighbouring windows spliced into one).
 * A block whose map holds a single window has no window token and no PSA: Eq. (1) over the whole
   map, which :class:`GlobalSelfAttention` implements.
+* The local-only baseline of the ablation study, :class:`LocalWindowAttention`: Eq. (1) inside each
+  window and nothing among windows (no window token, no PSA), as a windowed transformer without
+  shifted or grouped windows.
 
 Inputs and outputs are channels-last maps (B, H, W, C) of any size: windows that overhang the map
 are zero-padded, padded pixels are masked out of DSA (never attended to) and contribute nothing to
@@ -135,6 +138,37 @@ class GlobalSelfAttention(DepthwiseSelfAttention):
         """``x`` is LN(z), (B, H, W, C); there are no window tokens (``window_tokens`` is None)."""
         z = self.depthwise(x.flatten(1, 2))
         return self.proj_drop(self.proj(z)).view_as(x)
+
+
+@register_notrace_module  # the window grid and padding depend on the map size
+class LocalWindowAttention(DepthwiseSelfAttention):
+    """Eq. (1) inside each M×M window, then the output projection: no window token and no PSA, so no
+    pixel sees anything outside its own window (the ablation study's local-only baseline)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.window_size = window_size
+        self.size_independent = False  # as in SeparableWindowAttention
+
+    def forward(self, x: Tensor, window_tokens: Tensor | None = None) -> Tensor:
+        """``x`` is LN(z), (B, H, W, C); there are no window tokens (``window_tokens`` is None)."""
+        batch, height, width, channels = x.shape
+        rows, cols = grid_size(height, width, self.window_size)
+        windows = window_partition(x, self.window_size, self.size_independent)  # (B, N, P, C)
+        key_mask: Tensor | None = None
+        if self.size_independent or rows * self.window_size != height or cols * self.window_size != width:
+            key_mask = window_padding_mask(height, width, self.window_size, x.device).repeat(batch, 1)
+        z = self.depthwise(windows.flatten(0, 1), key_mask).view(batch, rows * cols, -1, channels)
+        out = window_reverse(z, self.window_size, height, width, self.size_independent)
+        return self.proj_drop(self.proj(out))
 
 
 class PointwiseSelfAttention(nn.Module):

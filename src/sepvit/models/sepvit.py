@@ -32,7 +32,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sepvit.layers import GlobalSelfAttention, Mlp, SeparableWindowAttention, grid_size
+from sepvit.layers import GlobalSelfAttention, LocalWindowAttention, Mlp, SeparableWindowAttention, grid_size
 from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
 from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 
@@ -85,7 +85,8 @@ class SepViTBlock(nn.Module):
     """SepViT block, Eq. (5)–(9): ``x + Attn(LN(Concat(x, wt)))`` then ``x + MLP(LN(x))``, on NHWC maps.
 
     The attention is :class:`SeparableWindowAttention` (DSSA, or GSA for a 2M window) when the map at
-    the build size holds several windows (``grid_size`` > 1×1), else :class:`GlobalSelfAttention`.
+    the build size holds several windows (``grid_size`` > 1×1), else :class:`GlobalSelfAttention`;
+    ``local_only`` puts :class:`LocalWindowAttention` (no window token, no PSA) in place of the former.
     """
 
     def __init__(
@@ -101,11 +102,14 @@ class SepViTBlock(nn.Module):
         drop_path: float = 0.0,
         window_token: WindowToken = "learnable",
         window_representation: WindowRepresentation = "token",
+        local_only: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if tuple(grid_size) == (1, 1):
             self.attn = GlobalSelfAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        elif local_only:
+            self.attn = LocalWindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
         else:
             self.attn = SeparableWindowAttention(
                 dim,
@@ -196,6 +200,9 @@ class SepViT(nn.Module):
             (default), ``"D,D,D,D"`` (DSSA only) or ``"D,G&D,G&D,D"``.
         window_token: ``"learnable"`` or ``"zero"`` (Table 5).
         window_representation: ``"token"``, ``"avgpool"`` or ``"dwconv"`` (Table 6).
+        local_only: the local-only baseline of the ablation study: attention inside each window and
+            nothing among windows (no window tokens, no PSA) in every block that has several windows;
+            the plan's window sizes still apply (``block_plan="D,D,D,D"`` gives M×M windows throughout).
         mlp_ratio, qkv_bias: block options.
         drop_rate, attn_drop_rate, drop_path_rate: dropout after patch merging, projections, MLP and
             before the classifier; attention dropout; stochastic depth, rising linearly to this rate.
@@ -214,6 +221,7 @@ class SepViT(nn.Module):
         block_plan: str = DEFAULT_BLOCK_PLAN,
         window_token: WindowToken = "learnable",
         window_representation: WindowRepresentation = "token",
+        local_only: bool = False,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -257,6 +265,7 @@ class SepViT(nn.Module):
                     qkv_bias=qkv_bias,
                     window_token=window_token,
                     window_representation=window_representation,
+                    local_only=local_only,
                     attn_drop=attn_drop_rate,
                 )
             )
