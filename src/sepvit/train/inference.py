@@ -15,7 +15,7 @@ from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.distributed import single_process
 from sepvit.engine.optim import amp_dtype
 from sepvit.engine.reporting import log, pyplot, save_figure
-from sepvit.errors import ConfigError
+from sepvit.errors import CheckpointError, ConfigError
 from sepvit.train.data import ClassificationImages, describe, eval_transform, load_image_sets
 from sepvit.train.models import create_model, data_config_for, default_img_size
 from sepvit.train.task import classification_loader, evaluate
@@ -38,7 +38,17 @@ def load_model(
         state_dict, info = ckpt.read_weights(path)
     ckpt.check_finite(state_dict, f"checkpoint {path}")
     if info is not None and model_name is None:
-        model, _ = create_model(info["model"], len(info["classes"]), info["model_kwargs"].get("img_size"))
+        kwargs = dict(info["model_kwargs"])
+        kwargs.pop("num_classes", None)
+        try:
+            model, _ = create_model(
+                info["model"], len(info["classes"]), kwargs.pop("img_size", None), None, False, kwargs
+            )
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{path}: its model {info['model']} cannot be built from the options it records "
+                f"({' '.join(str(error).split())})"
+            ) from error
         ckpt.load_strict(model, state_dict, path)
         return model.eval(), info
     if num_classes is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -39,16 +40,18 @@ def create_model(
     img_size: int | None = None,
     drop_path: float | None = None,
     pretrained: bool = False,
+    architecture: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A timm-registered model; returns it and the keyword arguments that rebuild it.
 
     ``pretrained`` loads timm's published weights (from the Hugging Face cache, or the hub when
-    online); timm replaces the classifier when ``num_classes`` differs from theirs.
+    online); timm replaces the classifier when ``num_classes`` differs from theirs. ``architecture``:
+    further keyword arguments of the model's factory (widths, window size, ablation options).
     """
     import timm
 
     check_model_name(model_name)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {**(architecture or {}), "num_classes": num_classes}
     if img_size is not None:
         kwargs["img_size"] = img_size
     if drop_path:

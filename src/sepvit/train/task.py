@@ -33,6 +33,12 @@ class ClassificationTask(Task):
     kind = TaskKind("classify", "sepvit train", ("top1", "top5", "loss"), RUN_DEFINING)
     config: ClassifyConfig
 
+    def __init__(self, config: ClassifyConfig, architecture: dict[str, Any] | None = None) -> None:
+        """``architecture``: keyword arguments of the model's factory beyond the configuration's
+        (widths, window size, ablation options); saved with the checkpoints, which rebuild it."""
+        super().__init__(config)
+        self.architecture = architecture or {}
+
     def resolve(self, config: ClassifyConfig, world_size: int) -> ClassifyConfig:
         config = apply_recipe_defaults(config, world_size)
         if config.img_size == AUTO:
@@ -49,7 +55,12 @@ class ClassificationTask(Task):
             log(describe(val_set, "val"))
         from_timm = config.pretrained == "timm"
         self.model, self.model_kwargs = create_model(
-            config.model, len(self.classes), config.img_size, config.drop_path, pretrained=from_timm
+            config.model,
+            len(self.classes),
+            config.img_size,
+            config.drop_path,
+            pretrained=from_timm,
+            architecture=self.architecture,
         )
         if config.pretrained and not from_timm:
             state_dict, _ = read_weights(config.pretrained)
