@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "sepvit.bench.cli",
     "sepvit.export.cli",
     "sepvit.dense.cli",
+    "sepvit.ablation.cli",
 )
 
 

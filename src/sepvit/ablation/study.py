@@ -1,0 +1,194 @@
+"""What the ablation study trains: the variants of the paper's Tables 5–7, two baselines, the protocols.
+
+Every model is built at a structurally faithful small scale: 128-px inputs, 4×4 windows (GSA 8×8),
+so the window grids of the four stages are 8×8, 4×4, 2×2 and 1×1, as in the paper's 224-px models
+with 7×7 windows; the blocks that are DSSA, GSA or single-window (global attention) are the same ones.
+All variants share the protocol's width, depth and heads and one training recipe.
+
+Variants (``VARIANTS``): the paper's final SepViT (``sepvit``: plan ``D,D&G,D&G,D``, learnable window
+tokens), Table 5's steps (``dssa``: DSSA alone with zero window tokens; ``dssa-gsa``: with GSA, zero
+tokens), Table 6's window representations (``avgpool``, ``dwconv``), Table 7's other block plans
+(``plan-dddd``, ``plan-d-d-dg-d``, ``plan-d-gd-gd-d``, learnable tokens), the local-only baseline
+(``local``: attention inside each 4×4 window, nothing among windows) and a Swin-style baseline (``swin``:
+timm's SwinTransformer with 4×4 patches and 4×4 windows at the same width, depth and heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sepvit.ablation.tasks import TASKS
+from sepvit.errors import ConfigError
+
+IMG_SIZE = 128
+WINDOW_SIZE = 4  # 128 px / stride 4 = 32-px maps: an 8×8 grid of 4×4 windows, as 56 / 7 at 224 px
+DATA_SEED = 0  # the task images are the same for every variant and seed
+NUM_CLASSES = 10
+SEPVIT_FACTORY = "sepvit_lite"  # widths, depths and heads are the protocol's
+SWIN_FACTORY = "swin_tiny_patch4_window7_224"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)  # SepViT constructor options
+    factory: str = SEPVIT_FACTORY
+
+
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant("sepvit", "SepViT: D,D&G,D&G,D, learnable window tokens (Tables 5-7)"),
+        Variant(
+            "dssa",
+            "DSSA only, zero window tokens (Table 5)",
+            {"block_plan": "D,D,D,D", "window_token": "zero"},
+        ),
+        Variant("dssa-gsa", "DSSA + GSA, zero window tokens (Table 5)", {"window_token": "zero"}),
+        Variant(
+            "avgpool",
+            "window representation by average pooling (Table 6)",
+            {"window_representation": "avgpool"},
+        ),
+        Variant(
+            "dwconv",
+            "window representation by depthwise convolution (Table 6)",
+            {"window_representation": "dwconv"},
+        ),
+        Variant("plan-dddd", "plan D,D,D,D, learnable tokens (Table 7)", {"block_plan": "D,D,D,D"}),
+        Variant("plan-d-d-dg-d", "plan D,D,D&G,D (Table 7)", {"block_plan": "D,D,D&G,D"}),
+        Variant("plan-d-gd-gd-d", "plan D,G&D,G&D,D (Table 7)", {"block_plan": "D,G&D,G&D,D"}),
+        Variant(
+            "local",
+            "local-only: attention inside windows, no PSA or GSA",
+            {"block_plan": "D,D,D,D", "local_only": True},
+        ),
+        Variant("swin", "Swin-style: timm SwinTransformer, shifted 4×4 windows", factory=SWIN_FACTORY),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Data sizes, model size, recipe and seeds of one run of the study."""
+
+    name: str
+    sizes: dict[str, int]  # canvases per split: train, val, test
+    epochs: int
+    seeds: tuple[int, ...]
+    embed_dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    batch_size: int
+    lr: float
+    control_variants: tuple[str, ...] | None  # variants also trained on the single-digit task (None: all)
+    erf_images: int  # test images the effective receptive field is averaged over
+
+    def architecture(self, variant: Variant) -> dict[str, Any]:
+        """The factory's keyword arguments for ``variant`` at this protocol's size."""
+        common = {"img_size": IMG_SIZE, "window_size": WINDOW_SIZE, "depths": self.depths}
+        if variant.factory == SWIN_FACTORY:
+            return {**common, "embed_dim": self.embed_dims[0], "num_heads": self.num_heads}
+        return {**common, "embed_dims": self.embed_dims, "num_heads": self.num_heads, **variant.options}
+
+    def recipe(self) -> dict[str, Any]:
+        """The training options every variant shares (``ClassifyConfig`` fields).
+
+        No augmentation that would move, cut or mirror digits out of their places (no crops, flips,
+        RandAugment, erasing, mixup or cutmix), label smoothing, AdamW with a cosine schedule, no EMA
+        (the runs are too short for it), best weights chosen on the validation split.
+        """
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": 0.05,
+            "warmup_epochs": min(1.0, self.epochs / 10),
+            "drop_path": 0.1,
+            "clip_grad": 5.0,
+            "aa": "none",
+            "scale": (1.0, 1.0),
+            "hflip": 0.0,
+            "reprob": 0.0,
+            "mixup": 0.0,
+            "cutmix": 0.0,
+            "smoothing": 0.1,
+            "crop_pct": 1.0,
+            "model_ema": False,
+            "tensorboard": False,
+            "log_interval": 1000,
+            "img_size": IMG_SIZE,
+        }
+
+    def plan(
+        self,
+        tasks: tuple[str, ...] | None = None,
+        variants: tuple[str, ...] | None = None,
+        seeds: tuple[int, ...] | None = None,
+    ) -> list[tuple[str, str, int]]:
+        """(task, variant, seed) of every run, seed-major so that a partial study covers all variants."""
+        for name in variants or ():
+            if name not in VARIANTS:
+                raise ConfigError(f"unknown variant {name!r}; the variants are {', '.join(VARIANTS)}")
+        for name in tasks or ():
+            if name not in TASKS:
+                raise ConfigError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+        runs = []
+        for seed in seeds or self.seeds:
+            for task in tasks or TASKS:
+                chosen = variants or tuple(VARIANTS)
+                if task == "single" and self.control_variants is not None:
+                    chosen = tuple(v for v in chosen if v in self.control_variants)
+                runs.extend((task, variant, seed) for variant in chosen)
+        return runs
+
+
+# Control-task variants in the reduced protocol: the final model and the three that see least widely.
+REDUCED_CONTROL = ("sepvit", "dssa", "local", "swin")
+
+PROTOCOLS: dict[str, Protocol] = {
+    # Seconds per run, for tests: a few images, one epoch, a tiny width.
+    "smoke": Protocol(
+        "smoke",
+        {"train": 96, "val": 48, "test": 48},
+        1,
+        (0,),
+        (8, 16, 32, 64),
+        (1, 2, 2, 1),
+        (1, 2, 4, 8),
+        16,
+        1e-3,
+        None,
+        2,
+    ),
+    # About 2 hours on 2 shared CPU cores with one thread (see docs/ablations.md for the estimate).
+    "reduced": Protocol(
+        "reduced",
+        {"train": 2000, "val": 250, "test": 500},
+        6,
+        (0, 1, 2),
+        (16, 32, 64, 128),
+        (1, 2, 6, 2),
+        (1, 2, 4, 8),
+        32,
+        2e-3,
+        REDUCED_CONTROL,
+        16,
+    ),
+    # For a GPU (--device cuda): SepViT-Lite's width, more data and epochs, five seeds, every variant.
+    "full": Protocol(
+        "full",
+        {"train": 10000, "val": 1000, "test": 2000},
+        60,
+        (0, 1, 2, 3, 4),
+        (32, 64, 128, 256),
+        (1, 2, 6, 2),
+        (1, 2, 4, 8),
+        128,
+        2e-3,
+        None,
+        64,
+    ),
+}
