@@ -242,3 +242,15 @@ def test_local_window_attention_is_global_attention_window_by_window(size):
         for left in range(0, size[1], 4):
             window = x[:, top : top + 4, left : left + 4]
             torch.testing.assert_close(out[:, top : top + 4, left : left + 4], reference(window), **TOL)
+
+
+def test_psa_attention_weights_are_what_its_forward_applies():
+    torch.manual_seed(0)
+    psa = swa.PointwiseSelfAttention(8, 2).eval()
+    tokens, windows = torch.randn(2, 6, 8), torch.randn(2, 6, 16, 8)
+    weights = psa.attention_weights(tokens)  # (B, heads, N, N)
+    assert weights.shape == (2, 2, 6, 6)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, 2, 6))
+    values = windows.unflatten(-1, (2, 4)).permute(0, 3, 1, 2, 4)  # (B, heads, N, P, C / heads)
+    expected = torch.einsum("bhnm,bhmpc->bhnpc", weights, values) + values
+    torch.testing.assert_close(psa(tokens, windows), expected, **TOL)

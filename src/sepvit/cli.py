@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "sepvit.export.cli",
     "sepvit.dense.cli",
     "sepvit.ablation.cli",
+    "sepvit.explain.cli",
 )
 
 

@@ -183,6 +183,17 @@ class PointwiseSelfAttention(nn.Module):
         self.qk = Linear(dim, dim * 2, bias=qkv_bias)
         self.attend = ScaledDotProductAttention()
 
+    def queries_keys(self, window_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. (2): queries and keys (B, heads, N, C / heads) from GELU(LN(wt)) of (B, N, C)."""
+        q, k = self.qk.forward_parts(self.act(self.norm(window_tokens)), 2)
+        return split_heads(q, self.num_heads), split_heads(k, self.num_heads)
+
+    def attention_weights(self, window_tokens: Tensor) -> Tensor:
+        """Eq. (4)'s softmax(QK^T / sqrt(d)) among the windows, (B, heads, N, N): what forward's
+        fused kernel computes without showing, for inspection (``sepvit explain``)."""
+        q, k = self.queries_keys(window_tokens)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
     def forward(self, window_tokens: Tensor, windows: Tensor) -> Tensor:
         """``window_tokens`` (B, N, C) and ``windows`` (B, N, P, C) -> head-major (B, heads, N, P, C / heads).
 
@@ -191,13 +202,12 @@ class PointwiseSelfAttention(nn.Module):
         """
         batch, num_windows, pixels, channels = windows.shape
         head_dim = channels // self.num_heads
-        q, k = self.qk.forward_parts(self.act(self.norm(window_tokens)), 2)
+        q, k = self.queries_keys(window_tokens)
         # Each head's values are its channel slice of every pixel of the window, flattened.
         v = windows.view(batch, num_windows, pixels, self.num_heads, head_dim).permute(0, 3, 1, 2, 4)
         v = v.reshape(batch, self.num_heads, num_windows, pixels * head_dim)
         # The scale is the DSA one (head_dim ** -0.5), which SDPA takes from the query width.
         dropout_p = self.attn_drop if self.training else 0.0
-        q, k = split_heads(q, self.num_heads), split_heads(k, self.num_heads)
         out = self.attend(q, k, v, None, dropout_p) + v
         return out.view(batch, self.num_heads, num_windows, pixels, head_dim)
 

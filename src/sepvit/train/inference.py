@@ -23,6 +23,22 @@ from sepvit.train.task import classification_loader, evaluate
 PREDICT_BATCH = 64
 
 
+def model_of(info: dict[str, Any], path: str) -> nn.Module:
+    """The model a checkpoint's description names, with its options and random weights."""
+    kwargs = dict(info["model_kwargs"])
+    kwargs.pop("num_classes", None)
+    try:
+        model, _ = create_model(
+            info["model"], len(info["classes"]), kwargs.pop("img_size", None), None, False, kwargs
+        )
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: its model {info['model']} cannot be built from the options it records "
+            f"({' '.join(str(error).split())})"
+        ) from error
+    return model
+
+
 def load_model(
     path: str,
     model_name: str | None = None,
@@ -38,17 +54,7 @@ def load_model(
         state_dict, info = ckpt.read_weights(path)
     ckpt.check_finite(state_dict, f"checkpoint {path}")
     if info is not None and model_name is None:
-        kwargs = dict(info["model_kwargs"])
-        kwargs.pop("num_classes", None)
-        try:
-            model, _ = create_model(
-                info["model"], len(info["classes"]), kwargs.pop("img_size", None), None, False, kwargs
-            )
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(
-                f"{path}: its model {info['model']} cannot be built from the options it records "
-                f"({' '.join(str(error).split())})"
-            ) from error
+        model = model_of(info, path)
         ckpt.load_strict(model, state_dict, path)
         return model.eval(), info
     if num_classes is None:

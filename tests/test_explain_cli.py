@@ -1,0 +1,80 @@
+"""``sepvit explain``: overlays written as PNG files, the receptive field, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sepvit.cli import main
+from sepvit.engine.checkpoint import weights_writer
+from sepvit.train.models import create_model, data_config_for
+
+TINY = dict(window_size=4, embed_dims=(8, 16, 32, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
+
+
+def write_checkpoint(path, **options) -> str:
+    torch.manual_seed(0)
+    model, kwargs = create_model("sepvit_lite", 10, 64, architecture={**TINY, **options})
+    info = {
+        "task": "classify",
+        "model": "sepvit_lite",
+        "model_kwargs": kwargs,
+        "classes": [str(i) for i in range(10)],
+        "data": None,
+        "data_config": data_config_for(model, 64, 1.0),
+    }
+    weights_writer(model.state_dict(), info)(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path) -> list[str]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_overlays_and_receptive_field(tmp_path, images, capsys):
+    checkpoint = write_checkpoint(tmp_path / "sepvit.safetensors")
+    output = tmp_path / "out"
+    assert main(["explain", checkpoint, *images, "--output", str(output), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(path.name for path in output.iterdir()) == [
+        "a_gradcam.png", "a_psa.png", "b_gradcam.png", "b_psa.png"
+    ]  # fmt: skip
+    for path in output.iterdir():
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.size == (64, 64)
+    field = report["effective_receptive_field"]
+    assert field["window_pixels"] == 8 and 0 < field["trained"] < 1 and 0 < field["initialisation"] < 1
+
+    local = write_checkpoint(tmp_path / "local.safetensors", local_only=True, block_plan="D,D,D,D")
+    assert main(["explain", local, images[0], "--output", str(tmp_path / "local")]) == 0
+    assert "a_gradcam.png" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "local").iterdir()) == ["a_gradcam.png"]  # no PSA
+
+
+def test_bad_checkpoint_or_image_is_one_line_error(tmp_path, images, capsys):
+    checkpoint = write_checkpoint(tmp_path / "sepvit.safetensors")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    output = tmp_path / "out"
+    for args, problem in (
+        ([str(tmp_path / "missing.safetensors"), *images], "does not exist"),
+        ([str(garbage), *images], "not a readable safetensors file"),
+        ([checkpoint, images[0], str(broken)], "broken.png"),
+    ):
+        assert main(["explain", *args, "--output", str(output)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("sepvit explain: error:") and problem in error[0]
+    assert not output.exists()  # nothing written before every input was read
