@@ -86,7 +86,7 @@ def test_study_records_each_run_as_it_ends_and_stops_at_an_interruption(tmp_path
         ("pair-sum", "sepvit"),
     ]
     plan = PROTOCOLS["reduced"].plan()
-    assert len(plan) == 3 * (len(VARIANTS) + 4)  # every variant on pair-sum, four on the control task
+    assert len(plan) == 3 * (len(VARIANTS) + 3)  # every variant on pair-sum, three on the control task
     assert len(set(plan)) == len(plan)
     with pytest.raises(ConfigError, match="unknown variant"):
         PROTOCOLS["reduced"].plan(variants=("sepvit", "nope"))
