@@ -30,7 +30,9 @@ def test_interrupted_run_resumes_exactly_and_recorded_runs_are_not_repeated(
     assert (plain.ran, plain.skipped, plain.exit_code) == (1, 0, 0)
     (expected,) = read_results(tmp_path / "plain.json")
     assert set(expected) >= FIELDS and expected["epochs"] == 2 and expected["protocol"] == "smoke"
-    assert 0 <= expected["top1"] <= 100 and 0 < expected["erf_trained"] < 1 and 0 < expected["erf_init"] < 1
+    assert 0 <= expected["top1"] <= 100
+    for key in ("erf_trained", "erf_init", "erf_stage1_trained", "erf_stage1_init"):
+        assert 0 < expected[key] < 1, key
     assert expected["params"] > 0 and expected["gmacs"] > 0 and expected["images_per_s"] > 0
 
     # SIGINT in the second epoch: the engine saves mid-epoch, the study stops with 128 + 2, no record.
@@ -52,7 +54,7 @@ def test_interrupted_run_resumes_exactly_and_recorded_runs_are_not_repeated(
     resumed = run_study(TWO_EPOCHS, results, runs, "cpu", ("pair-sum",), ("sepvit",))
     assert resumed.ran == 1 and "resumed" in capsys.readouterr().out
     (record,) = read_results(results)
-    for key in ("top1", "val_top1", "erf_trained", "erf_init", "params", "gmacs", "epochs"):
+    for key in ("top1", "val_top1", "erf_trained", "erf_stage1_trained", "params", "gmacs", "epochs"):
         assert record[key] == expected[key], key
 
     def must_not_train(*args):
@@ -64,7 +66,7 @@ def test_interrupted_run_resumes_exactly_and_recorded_runs_are_not_repeated(
 
 def fake_record(task: str, variant: str, seed: int, top1: float, **extra) -> dict:
     values = dict(params=1_000_000, gmacs=0.2, images_per_s=50.0, epochs=3, seconds=9.0)
-    values.update(erf_trained=0.5, erf_init=0.4)
+    values.update(erf_trained=0.5, erf_init=0.4, erf_stage1_trained=0.1, erf_stage1_init=0.1)
     values.update(extra)
     return dict(protocol="reduced", task=task, variant=variant, seed=seed, top1=top1, **values)
 

@@ -47,3 +47,12 @@ def test_grad_cam_map_and_overlay() -> None:
     assert heat.min() >= 0 and heat.max() <= 1 + 1e-6
     picture = overlay(image[0].permute(1, 2, 0).numpy(), heat)
     assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+
+
+def test_square_centred_on_the_centre_pixels_cell():
+    gradient = torch.zeros(1, 32, 32)
+    gradient[0, 16:24, 16:24] = 1.0  # the cell of an 8-px grid that holds pixel (16, 16)
+    assert outside_share(gradient, 8, cell=8).item() == 0.0
+    assert outside_share(gradient, 8).item() == pytest.approx(0.75)  # the centred square is [12, 20)
+    assert outside_share(gradient, 16, cell=8).item() == 0.0  # [12, 28): the cell and a margin
+    assert outside_share(gradient, 4, cell=8).item() == pytest.approx(0.75)  # [18, 22)

@@ -1,7 +1,8 @@
 """The ablation study's runs: train every (task, variant, seed) with the engine, record each as it ends.
 
 ``results.json`` holds one record per finished run (task, variant, seed, test top-1, params, GMACs,
-training img/s, epochs, seconds, effective receptive field trained and at initialisation). It is
+training img/s, epochs, seconds, effective receptive field after stages 1 and 3, trained and at
+initialisation: :func:`sepvit.explain.window_range`). It is
 rewritten atomically after every run, so a kill at any instant leaves it whole. A rerun skips the
 runs it records; a run that was interrupted continues from its last checkpoint through the engine's
 exact resume (its run folder under ``runs/``); a run killed before its first checkpoint starts over.
@@ -29,12 +30,6 @@ from sepvit.engine.reporting import log
 from sepvit.errors import DataError
 
 RECORD_KEY = ("protocol", "task", "variant", "seed")
-ERF_STAGE = -2  # the third stage: 2×2 windows of DSSA, one GSA window (as 14×14 maps at 224 px)
-
-
-def first_window_pixels() -> int:
-    """The input pixels one first-stage window covers (16 at 128 px): the ERF's centre window."""
-    return IMG_SIZE // 8
 
 
 @dataclass
@@ -88,16 +83,16 @@ def run_folder(protocol: Protocol, task: str, variant: str, seed: int, runs_dir:
     return runs_dir / protocol.name / task / variant / f"seed{seed}"
 
 
-def effective_receptive_fields(
-    model: torch.nn.Module, init_model: torch.nn.Module, images: torch.Tensor
-) -> dict[str, float]:
-    from sepvit.explain import effective_receptive_field
+def receptive_fields(model: torch.nn.Module, init_model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """``erf_trained``, ``erf_init`` (after stage 3) and ``erf_stage1_trained``, ``erf_stage1_init``."""
+    from sepvit.explain import window_range
 
-    window = first_window_pixels()
-    return {
-        "erf_trained": effective_receptive_field(model, images, window, ERF_STAGE),
-        "erf_init": effective_receptive_field(init_model, images, window, ERF_STAGE),
-    }
+    fields = {}
+    for when, module in (("trained", model), ("init", init_model)):
+        ranges = window_range(module, images)
+        fields[f"erf_{when}"] = ranges["stage3"]
+        fields[f"erf_stage1_{when}"] = ranges["stage1"]
+    return fields
 
 
 def train_one(
@@ -161,7 +156,7 @@ def train_one(
         "images_per_s": statistics.median(speeds) if speeds else None,
         "epochs": len(result.history),
         "seconds": sum(row["epoch_seconds"] for row in result.history),
-        **effective_receptive_fields(model, init_model.to(context.device), erf_images),
+        **receptive_fields(model, init_model.to(context.device), erf_images),
         "device": str(context.device),
     }
     return 0, record

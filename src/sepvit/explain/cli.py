@@ -45,8 +45,9 @@ def explain_command(args: argparse.Namespace) -> int:
     for item in explanations:
         written = ", ".join(str(path) for path in (item.gradcam, item.psa) if path is not None)
         print(f"{item.image}: {item.predicted} ({100 * item.probability:.1f}%); {written}")
-    print(
-        f"effective receptive field (input-gradient share outside the centre {fields['window_pixels']}-px "
-        f"window): trained {fields['trained']:.3f}, at initialisation {fields['initialisation']:.3f}"
-    )
+    trained, initial = fields["trained"], fields["initialisation"]
+    square = fields["window_pixels"]
+    print(f"effective receptive field (input-gradient share outside {square} px around the centre):")
+    for stage in trained:
+        print(f"  after {stage}: trained {trained[stage]:.3f}, at initialisation {initial[stage]:.3f}")
     return 0

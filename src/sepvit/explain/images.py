@@ -3,9 +3,10 @@ the effective receptive field of the checkpoint against the same model at initia
 
 For each image, ``<stem>_gradcam.png`` (Grad-CAM of the predicted class over the model's input) and,
 for models with PSA, ``<stem>_psa.png``: the attention among windows of the first block with PSA,
-from the window where Grad-CAM is strongest (outlined) to every window. The receptive field is the
-share of the centre unit's input-gradient mass (third stage) outside the centre first-stage window
-(an eighth of the input side: 4 × 7 px at 224, 4 × 4 px at 128), over the images given.
+from the window where Grad-CAM is strongest (outlined) to every window. The receptive field is
+:func:`sepvit.explain.window_range`, over the images given: the share of the centre unit's
+input-gradient mass after stages 1 and 3 outside a square two first-stage windows wide around the
+centre unit's window.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 from sepvit.data_io import open_image
 from sepvit.engine.files import make_folder, write_atomically
 from sepvit.explain.gradcam import grad_cam, overlay
-from sepvit.explain.receptive_field import effective_receptive_field
+from sepvit.explain.receptive_field import window_range
 from sepvit.explain.window_attention import attention_heat, psa_window_attention, strongest_window
 
-ERF_STAGE = -2
 OUTLINE = (255, 255, 0)
 
 
@@ -101,10 +101,9 @@ def explain_images(
 
     torch.manual_seed(0)
     initial = model_of(info, checkpoint)
-    window = inputs.shape[-1] // 8
     fields = {
-        "window_pixels": window,
-        "trained": effective_receptive_field(model, inputs, window, ERF_STAGE),
-        "initialisation": effective_receptive_field(initial.to(context.device), inputs, window, ERF_STAGE),
+        "window_pixels": 2 * (inputs.shape[-1] // 8),
+        "trained": window_range(model, inputs),
+        "initialisation": window_range(initial.to(context.device), inputs),
     }
     return explanations, fields

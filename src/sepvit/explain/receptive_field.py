@@ -5,6 +5,13 @@ the input; the absolute gradient, summed over colour channels, is the centre uni
 every input pixel. Its share outside the ``window`` × ``window`` pixels around the centre (by default
 one first-stage attention window) is the "range" of Figure 4 in the SepViT paper, as a number: 0 for a
 model that sees only the centre window, larger the more it gathers from the rest of the image.
+
+:func:`window_range` fixes the geometry for windowed models whose first stage has an 8×8 grid of
+windows (SepViT and Swin at any size, as at 224 px): the square is two first-stage windows wide,
+centred on the window of the centre unit, so the reach of the convolutions around a window (patch
+merging, position encoding) stays inside it and what lies outside came through attention among
+windows; it is taken after the first stage (where only SepViT's PSA reaches other windows) and
+after the third.
 """
 
 from __future__ import annotations
@@ -22,20 +29,45 @@ def centre_gradient(model: nn.Module, images: Tensor, stage: int = -2) -> Tensor
     return images.grad.abs().sum(dim=1)
 
 
-def outside_share(gradient: Tensor, window: int) -> Tensor:
-    """Per image, the share of gradient mass outside the centred ``window`` × ``window`` pixels: (B,)."""
+def outside_share(gradient: Tensor, window: int, cell: int | None = None) -> Tensor:
+    """Per image, the share of gradient mass outside a ``window`` × ``window`` square: (B,).
+
+    The square is centred on the image or, given ``cell``, on the middle of the cell of a
+    ``cell``-px grid from the top-left corner that holds the centre pixel: the attention window of
+    the centre unit in a windowed model (on an even grid of windows none is centred).
+    """
     height, width = gradient.shape[-2:]
-    top, left = (height - window) // 2, (width - window) // 2
+    middle_row, middle_col = height / 2, width / 2
+    if cell is not None:
+        middle_row = height // 2 // cell * cell + cell / 2
+        middle_col = width // 2 // cell * cell + cell / 2
+    top, left = max(int(middle_row - window / 2), 0), max(int(middle_col - window / 2), 0)
     inside = gradient[:, top : top + window, left : left + window].sum(dim=(1, 2))
     total = gradient.sum(dim=(1, 2)).clamp_min(torch.finfo(gradient.dtype).tiny)
     return 1 - inside / total
 
 
-def effective_receptive_field(model: nn.Module, images: Tensor, window: int, stage: int = -2) -> float:
-    """Mean share of the centre unit's input-gradient mass outside the centre window (see module doc)."""
+def effective_receptive_field(
+    model: nn.Module, images: Tensor, window: int, stage: int = -2, cell: int | None = None
+) -> float:
+    """Mean share of the centre unit's input-gradient mass outside the centre window (see module doc
+    and :func:`outside_share`)."""
     was_training = model.training
     model.eval()
     try:
-        return outside_share(centre_gradient(model, images, stage), window).mean().item()
+        return outside_share(centre_gradient(model, images, stage), window, cell).mean().item()
     finally:
         model.train(was_training)
+
+
+RANGE_STAGES = {"stage1": 0, "stage3": -2}
+
+
+def window_range(model: nn.Module, images: Tensor) -> dict[str, float]:
+    """The effective receptive field after stages 1 and 3, outside a square two first-stage windows
+    wide (a quarter of the input side) centred on the centre unit's window (see the module doc)."""
+    cell = images.shape[-1] // 8
+    return {
+        name: effective_receptive_field(model, images, 2 * cell, stage, cell)
+        for name, stage in RANGE_STAGES.items()
+    }
