@@ -167,3 +167,13 @@ def test_ablate_command_writes_the_report_from_a_results_file(tmp_path, capsys):
     assert "reproduces" in claims.read_text() and (results.parent / "erf.png").exists()
     assert main([*args, "--threads", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("sepvit ablate: error: --threads")
+
+
+def test_runs_folder_that_cannot_be_written_is_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the runs folder should be")
+    args = ["ablate", "--protocol", "smoke", "--runs", str(blocker), "--results", str(tmp_path / "r.json")]
+    assert main([*args, "--claims", str(tmp_path / "claims.md")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "cannot write the pair-sum task images" in error[0]
+    assert not (tmp_path / "r.json").exists()

@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 a run could not go on; 2 bad input; 130 / 143 stopped by S
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sepvit.ablation.study import PROTOCOLS, VARIANTS
@@ -29,12 +30,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="smoke: seconds, for tests; reduced: about 2 hours on 2 CPU cores; full: for a GPU",
     )
     parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="only these tasks")
     parser.add_argument(
-        "--variants", nargs="+", choices=tuple(VARIANTS), default=None, help="only these variants"
+        "--threads", type=int, default=None, help="torch intra-op threads (none: torch's choice)"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the protocol's)")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=None, help="only these tasks (none: both)"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", choices=tuple(VARIANTS), default=None, help="only these variants (none: all)"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (none: the protocol's)")
     parser.add_argument("--runs", type=Path, default=Path("runs/ablations"), help="run folders and task data")
     parser.add_argument(
         "--results", type=Path, default=Path("docs/ablations/results.json"), help="the results file"
@@ -62,15 +67,19 @@ def ablate_command(args: argparse.Namespace) -> int:
     protocol = PROTOCOLS[args.protocol]
     code = 0
     if not args.report_only:
-        outcome = run_study(
-            protocol,
-            args.results,
-            args.runs,
-            args.device,
-            tuple(args.tasks) if args.tasks else None,
-            tuple(args.variants) if args.variants else None,
-            tuple(args.seeds) if args.seeds else None,
-        )
+        try:
+            outcome = run_study(
+                protocol,
+                args.results,
+                args.runs,
+                args.device,
+                tuple(args.tasks) if args.tasks else None,
+                tuple(args.variants) if args.variants else None,
+                tuple(args.seeds) if args.seeds else None,
+            )
+        except KeyboardInterrupt:  # outside training (which stops cleanly itself): nothing half-written
+            print("sepvit ablate: stopped; the same command continues the study", file=sys.stderr)
+            return 130
         code = outcome.exit_code
         print(f"{outcome.ran} run(s) trained, {outcome.skipped} already recorded: {outcome.results}")
     written = write_report(

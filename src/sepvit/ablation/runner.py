@@ -25,9 +25,9 @@ import torch
 from sepvit.ablation.study import DATA_SEED, IMG_SIZE, NUM_CLASSES, VARIANTS, Protocol
 from sepvit.ablation.tasks import TaskSpec, write_image_folder
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.files import make_folder, write_text
+from sepvit.engine.files import make_folder, reason, write_text
 from sepvit.engine.reporting import log
-from sepvit.errors import DataError
+from sepvit.errors import ConfigError, DataError
 
 RECORD_KEY = ("protocol", "task", "variant", "seed")
 
@@ -76,7 +76,11 @@ def write_results(path: Path, records: list[dict[str, Any]]) -> None:
 def task_data(protocol: Protocol, task: str, runs_dir: Path) -> Path:
     """The task's image folder (train/val/test), generated once per protocol and reused."""
     spec = TaskSpec(task=task, seed=DATA_SEED)
-    return write_image_folder(spec, protocol.sizes, runs_dir / "data" / f"{task}-{protocol.name}")
+    root = runs_dir / "data" / f"{task}-{protocol.name}"
+    try:
+        return write_image_folder(spec, protocol.sizes, root)
+    except OSError as error:
+        raise ConfigError(f"cannot write the {task} task images to {root}: {reason(error)}") from error
 
 
 def run_folder(protocol: Protocol, task: str, variant: str, seed: int, runs_dir: Path) -> Path:
