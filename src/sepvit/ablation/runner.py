@@ -139,12 +139,9 @@ def train_one(
     ckpt.load_strict(model, weights, str(ckpt.weights_path(run_dir, ckpt.BEST)))
     model.to(context.device).eval()
     transform = eval_transform(classify.data_config)
-    test_set = scan_image_folder(data / "test", classify.classes)
-    loader = classification_loader(ClassificationImages(test_set, transform), protocol.batch_size, 0, context)
-    test = evaluate(model, loader, context)
-    erf_images = torch.stack(
-        [ClassificationImages(test_set, transform)[i][0] for i in range(protocol.erf_images)]
-    ).to(context.device)
+    test_images = ClassificationImages(scan_image_folder(data / "test", classify.classes), transform)
+    test = evaluate(model, classification_loader(test_images, protocol.batch_size, 0, context), context)
+    erf_images = torch.stack([test_images[i][0] for i in range(protocol.erf_images)]).to(context.device)
     seed_everything(seed)  # the engine seeds so before building: the run's own initial weights
     init_model, _ = create_model(variant.factory, NUM_CLASSES, IMG_SIZE, None, False, architecture)
     speeds = [row["train_images_per_s"] for row in result.history if row.get("train_images_per_s")]
