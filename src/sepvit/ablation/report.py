@@ -213,27 +213,29 @@ def plot_results(records: list[dict[str, Any]], folder: Path) -> list[Path]:
             "effective receptive field: input-gradient share beyond the centre unit's window",
         ),
     ):
-        figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        tables = [summaries(records, measure) for measure in measures]
+        width = 0.8 / len(measures)
         for axis, task in zip(axes, (PAIR, SINGLE)):
-            for offset, measure in enumerate(measures):
-                table = summaries(records, measure)
-                names = [v for v in VARIANTS if (task, v) in table]
-                width = 0.8 / len(measures)
-                positions = [i + (offset - (len(measures) - 1) / 2) * width for i in range(len(names))]
+            names = [v for v in VARIANTS if any((task, v) in table for table in tables)]
+            for offset, (measure, table) in enumerate(zip(measures, tables)):
+                shown = [table.get((task, v), Summary(math.nan, 0.0, 0)) for v in names]
                 axis.bar(
-                    positions,
-                    [table[(task, v)].mean for v in names],
+                    [i + (offset - (len(measures) - 1) / 2) * width for i in range(len(names))],
+                    [summary.mean for summary in shown],
                     width,
-                    yerr=[table[(task, v)].std for v in names],
+                    yerr=[summary.std for summary in shown],
                     capsize=3,
+                    color=f"C{offset}",
                     label=MEASURES[measure],
                 )
-                axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+            axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
             axis.set_title(task)
-            if len(measures) > 1:
-                axis.legend()
+        if len(measures) > 1:
+            handles, labels = axes[0].get_legend_handles_labels()
+            figure.legend(handles, labels, loc="lower center", ncol=len(measures), fontsize=8)
         figure.suptitle(title)
-        figure.tight_layout()
+        figure.tight_layout(rect=(0, 0.06 if len(measures) > 1 else 0, 1, 1))
         paths.append(save_figure(figure, folder / name))
         plt.close(figure)
     return paths

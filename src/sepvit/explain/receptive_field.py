@@ -44,7 +44,7 @@ def outside_share(gradient: Tensor, window: int, cell: int | None = None) -> Ten
     top, left = max(int(middle_row - window / 2), 0), max(int(middle_col - window / 2), 0)
     inside = gradient[:, top : top + window, left : left + window].sum(dim=(1, 2))
     total = gradient.sum(dim=(1, 2)).clamp_min(torch.finfo(gradient.dtype).tiny)
-    return 1 - inside / total
+    return (1 - inside / total).clamp_min(0)  # rounding may leave -1e-8 for a share of 0
 
 
 def effective_receptive_field(
