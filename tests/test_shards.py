@@ -18,26 +18,10 @@ from sepvit.engine.loop import Trainer
 from sepvit.engine.shards import ShardSet, ShardStream, is_shard_spec, open_shards, read_samples
 from sepvit.errors import ConfigError, DataError
 from sepvit.train.config import ClassifyConfig
-from sepvit.train.data import load_classification_data, load_digits_split
+from sepvit.train.data import load_classification_data
 from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
-
-
-def write_digits_folder(root: Path, img_size: int = 32) -> Path:
-    """The digits splits as PNG files in ROOT/{train,val}/<digit>/NNNN.png (lossless: same pixels)."""
-    for split in ("train", "val"):
-        images = load_digits_split(split, img_size)
-        for index, (image, label) in enumerate(zip(images.items, images.labels)):
-            folder = root / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            image.save(folder / f"{index:04d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digits_folder(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def read_info(folder: str) -> dict[str, Any] | None:
 def open_shards(spec: str, split: str) -> ShardSet:
     """The shards ``spec`` names: a folder with ``_info.json`` (its ``split``), or a file or brace
     pattern such as ``shards/train-{000000..000127}.tar``."""
-    wds = require("webdataset", "train")
+    wds = require("webdataset", "cluster")
     path = spec.removeprefix(WDS_PREFIX)
     info = read_info(path) if os.path.isdir(path) else None
     if os.path.isdir(path):
@@ -129,7 +129,7 @@ def open_shards(spec: str, split: str) -> ShardSet:
 
 def read_samples(url: str, select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one shard (webdataset's grouping by key); DataError naming it if unreadable."""
-    wds = require("webdataset", "train")
+    wds = require("webdataset", "cluster")
     samples = wds.tariterators.tarfile_samples([{"url": url}], select_files=select)
     try:
         yield from samples
@@ -228,7 +228,7 @@ class ShardStream(IterableDataset):
         samples: Iterable[dict[str, Any]] = self._read(start, stop)
         skip = 0
         if self.train:
-            wds = require("webdataset", "train")
+            wds = require("webdataset", "cluster")
             rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{stream}")
             samples = wds.shuffle(self.buffer, initial=self.buffer, rng=rng)(iter(samples))
             skip = _batches_of(stream, self.skip_batches, self.streams) * self.batch_size
@@ -260,7 +260,7 @@ def write_shards(
     Nothing is overwritten: a folder that already holds shards is refused. Each shard is written
     under a temporary name and renamed; the info file, written last, marks a finished set.
     """
-    wds = require("webdataset", "train")
+    wds = require("webdataset", "cluster")
     check_new_shard_folder(out)
     make_folder(out, "shard folder")
     info: dict[str, Any] = {"name": out.name, **(extra_info or {}), "splits": {}}

@@ -269,7 +269,7 @@ def is_hf_spec(data: str) -> bool:
 def load_hf_sets(data: str) -> tuple[ImageSet, ImageSet]:
     """The train and validation splits of a Hugging Face image-classification dataset: its first
     ``Image`` column and its first ``ClassLabel`` column (whose names are the classes)."""
-    datasets = require("datasets", "train")
+    datasets = require("datasets", "cluster")
     try:
         if data.startswith(HF_PREFIX):
             splits = datasets.load_dataset(data.removeprefix(HF_PREFIX))
@@ -298,7 +298,7 @@ class HFImages(Sequence):
     """The images of a Hugging Face dataset's column, decoded like image files (:func:`open_image`)."""
 
     def __init__(self, dataset: Any, column: str, name: str) -> None:
-        self.dataset = dataset.cast_column(column, require("datasets", "train").Image(decode=False))
+        self.dataset = dataset.cast_column(column, require("datasets", "cluster").Image(decode=False))
         self.column, self.name = column, name
 
     def __len__(self) -> int:
