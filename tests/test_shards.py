@@ -76,6 +76,15 @@ def test_shard_specs_brace_patterns_and_missing_shards(digits_shards: Path) -> N
         open_shards(str(digits_shards), "test")
 
 
+def test_a_broken_info_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "_info.json").write_text('{"splits": {"train": {"num_samples": 3}}}')
+    with pytest.raises(DataError, match=r"_info\.json: split 'train' lists no 'filenames'"):
+        open_shards(f"wds:{tmp_path}", "train")
+    (tmp_path / "_info.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"cannot read .*_info\.json"):
+        open_shards(str(tmp_path), "train")
+
+
 def _stream(lengths: tuple[int, ...], train: bool) -> ShardStream:
     return ShardStream(ShardSet(tuple(f"s{i}.tar" for i in range(len(lengths))), lengths), lambda s: s, train)
 
@@ -143,12 +152,18 @@ def _run(output: Path, name: str, data: str, resume: bool = False, stop_at: int 
 
 @pytest.mark.slow
 def test_shards_train_to_the_accuracy_of_the_folder_they_were_packed_from(
-    digits_folder: Path, digits_shards: Path, tmp_path: Path, one_thread
+    digits_folder: Path, digits_shards: Path, tmp_path: Path, one_thread, capsys
 ) -> None:
     folder = _run(tmp_path, "folder", str(digits_folder)).history[-1]["val_top1"]
     shards = _run(tmp_path, "shards", f"wds:{digits_shards}").history[-1]["val_top1"]
     assert folder >= 90 and shards >= 90
     assert abs(folder - shards) <= 3
+    # `sepvit eval` reads the shards the checkpoint names and finds the run's own accuracy
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "shards" / "last.safetensors"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert (evaluated["data"], evaluated["images"]) == (f"wds:{digits_shards}", 360)
+    assert evaluated["top1"] == pytest.approx(shards)
 
 
 @pytest.mark.slow

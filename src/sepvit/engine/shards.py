@@ -108,6 +108,8 @@ def open_shards(spec: str, split: str) -> ShardSet:
             known = ", ".join(info["splits"]) or "none"
             raise DataError(f"{path}/{INFO_FILE} has no {split!r} split (it has {known})")
         entry = info["splits"][split]
+        if not isinstance(entry, dict) or not isinstance(entry.get("filenames"), list):
+            raise DataError(f"{path}/{INFO_FILE}: split {split!r} lists no 'filenames'")
         urls = [os.path.join(path, name) for name in entry["filenames"]]
         counted = dict(zip(urls, entry.get("shard_lengths", ())))
     else:
@@ -116,7 +118,7 @@ def open_shards(spec: str, split: str) -> ShardSet:
         counted = {}
         for entry in (info or {}).get("splits", {}).values():
             folder = os.path.dirname(urls[0])
-            names = (os.path.join(folder, name) for name in entry["filenames"])
+            names = (os.path.join(folder, name) for name in entry.get("filenames", ()))
             counted.update(zip(names, entry.get("shard_lengths", ())))
     missing = [url for url in urls if not os.path.isfile(url)]
     if missing:

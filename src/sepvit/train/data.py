@@ -43,6 +43,7 @@ from sepvit.engine.shards import (
     INFO_FILE,
     WDS_PREFIX,
     ShardSet,
+    ShardStream,
     check_new_shard_folder,
     is_shard_spec,
     open_shards,
@@ -310,6 +311,13 @@ class HFImages(Sequence):
         stored = self.dataset[index][self.column]
         where = f"{self.name} image {index}"
         return open_image(io.BytesIO(stored["bytes"]) if stored.get("bytes") else stored["path"], where)
+
+
+def evaluation_images(val_set: ImageSet | ShardSet, transform: Callable) -> Dataset:
+    """Transformed (image, label) pairs of a validation set: a stream for shards."""
+    if isinstance(val_set, ShardSet):
+        return ShardStream(val_set, ClassifySample(transform), train=False)
+    return ClassificationImages(val_set, transform)
 
 
 class ClassificationImages(Dataset):

@@ -25,6 +25,7 @@ from sepvit.train.data import (
     ClassifySample,
     describe,
     eval_transform,
+    evaluation_images,
     limit,
     load_classification_data,
     train_transform,
@@ -72,11 +73,7 @@ class ClassificationTask(Task):
             self.train_set = ShardStream(train_set, ClassifySample(augment), train=True, seed=config.seed)
         else:
             self.train_set = ClassificationImages(train_set, augment)
-        evaluated = (
-            ShardStream(val_set, ClassifySample(eval_transform(self.data_config)), train=False)
-            if isinstance(val_set, ShardSet)
-            else ClassificationImages(val_set, eval_transform(self.data_config))
-        )
+        evaluated = evaluation_images(val_set, eval_transform(self.data_config))
         self.val_loader = classification_loader(evaluated, config.batch_size, config.workers, context)
         self.mixup = None
         if config.mixup > 0 or config.cutmix > 0:
