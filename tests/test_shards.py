@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.data import create_dataset
 from torch.utils.data import DataLoader
 
 from sepvit.cli import main
@@ -45,6 +46,10 @@ def test_pack_round_trips_every_image_byte_for_byte(digits_folder: Path, digits_
         assert unpacked == {f"{p.parent.name}/{p.name}": (p.read_bytes(), int(p.parent.name)) for p in files}
     labels = [int(s["cls"]) for s in read_samples(str(digits_shards / train["filenames"][0]))]
     assert len(set(labels)) == 10  # training images are shuffled before packing: each shard has every class
+    # timm's own WebDataset reader reads the shards and _info.json as they are
+    from_timm = create_dataset("wds/digits", root=str(digits_shards), split="val")
+    val_files = (digits_folder / "val").glob("*/*.png")
+    assert sorted(label for _, label in from_timm) == sorted(int(p.parent.name) for p in val_files)
 
 
 def test_pack_refuses_to_overwrite_and_names_bad_input(digits_shards: Path, tmp_path: Path, capsys) -> None:

@@ -66,7 +66,8 @@ class Progress:
         elif self.step % self.interval == 0 or self.step == self.total:
             log(
                 f"epoch {self.epoch}/{self.epochs} step {self.step}/{self.total} "
-                f"loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s ({rate / self.processes:.0f} per process)"
+                f"loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s"
+                + (f" ({rate / self.processes:.0f} per process)" if self.processes > 1 else "")
             )
 
     def close(self) -> None:
