@@ -164,8 +164,7 @@ class ShardStream(IterableDataset):
         return len(self.shards)
 
     def first(self, count: int) -> ShardStream:
-        stream = ShardStream(self.shards.first(count), self.decode, self.train, self.seed, self.buffer)
-        return stream
+        return ShardStream(self.shards.first(count), self.decode, self.train, self.seed, self.buffer)
 
     def configure(
         self, rank: int, world_size: int, workers: int, batch_size: int = 1, batches: int = 0
