@@ -191,3 +191,26 @@ def test_a_run_on_shards_resumed_mid_epoch_equals_a_straight_run(
     straight, _ = read_checkpoint(tmp_path / "straight" / "last.safetensors")
     resumed, _ = read_checkpoint(tmp_path / "pieces" / "last.safetensors")
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda path: path.write_bytes(b"not a tar file" * 100), r"cannot read shard .*train-000003\.tar: "),
+        (
+            lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+            r"shard .*train-000003\.tar holds \d+ samples, fewer than the 200 counted",
+        ),
+    ],
+)
+def test_a_damaged_shard_stops_the_run_with_its_name_and_saves_it(
+    digits_shards: Path, tmp_path: Path, damage, message: str
+) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for path in digits_shards.iterdir():
+        (shards / path.name).write_bytes(path.read_bytes())
+    damage(shards / "train-000003.tar")
+    with pytest.raises(DataError, match=message + r".*continue with --resume"):
+        _run(tmp_path, "damaged", str(shards), model="test_vit", epochs=1)
+    assert read_checkpoint(tmp_path / "damaged" / "last.safetensors")[1]["step_in_epoch"] == 0
