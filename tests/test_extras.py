@@ -21,7 +21,7 @@ PYPROJECT = SRC.parent / "pyproject.toml"
 # What `pip install sepvit` does not install; the model library must not need any of it.
 OPTIONAL_MODULES = (
     "onnx", "onnxruntime", "onnxscript", "matplotlib", "sklearn", "yaml", "tensorboard", "pycocotools",
-    "tqdm",
+    "tqdm", "webdataset", "datasets",
 )  # fmt: skip
 
 # Direct imports of optional modules that issue 13's engine routes through ``require``; this list
@@ -176,7 +176,7 @@ def test_extras_are_declared_and_dev_installs_everything(project):
     everything = set().union(*(extra_closure(project, extra) for extra in extras if extra != "dev"))
     assert extra_closure(project, "dev") >= everything
     assert extra_closure(project, "all") >= set().union(
-        *(extra_closure(project, extra) for extra in ("train", "export", "dense", "bench"))
+        *(extra_closure(project, extra) for extra in ("train", "export", "dense", "bench", "cluster"))
     )
     assert ".[dev]" in (SRC.parent / "Makefile").read_text()
 

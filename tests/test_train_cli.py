@@ -94,7 +94,7 @@ def test_recipe_defaults_follow_model_size() -> None:
     assert (lite["drop_path"], lite["weight_decay"], lite["warmup_epochs"]) == (0.1, 0.05, 5)
     assert (base["drop_path"], base["weight_decay"], base["warmup_epochs"]) == (0.5, 0.1, 20)
     assert (m0["weight_decay"], m0["clip_grad"]) == (0.025, 0.02)
-    assert lite["lr"] == pytest.approx(1e-3 * (128 / 1024) ** 0.5)  # square-root scaling for AdamW
+    assert lite["lr"] == pytest.approx(1e-3 * 128 / 1024)  # the linear rule of the papers (1e-3 at 1024)
     assert lite["hflip"] == 0.0 and lite["crop_pct"] == 1.0  # digits: no flips, no crop
     assert lite["clip_grad"] is None and AUTO not in (lite["drop_path"], lite["weight_decay"])
 

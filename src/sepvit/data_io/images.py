@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -57,11 +58,12 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The first frame of the image file at ``path`` as an 8-bit RGB image, upright per its EXIF.
+def open_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """The first frame of the image file at ``path`` (or an open binary file, such as an image
+    read from a shard) as an 8-bit RGB image, upright per its EXIF.
 
     Pixel formats are mapped as the module documentation describes. Raises
-    :class:`~sepvit.errors.DataError` (one line naming the file) when the file cannot be used.
+    :class:`~sepvit.errors.DataError` (one line naming the file, or ``name``) when it cannot be used.
     """
     try:
         with warnings.catch_warnings():
@@ -73,7 +75,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
     except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
-        raise DataError(f"cannot read image {os.fspath(path)}: {_reason(error, path)}") from error
+        shown = name or (os.fspath(path) if isinstance(path, (str, os.PathLike)) else "(in memory)")
+        raise DataError(f"cannot read image {shown}: {_reason(error, path)}") from error
 
 
 def _check_size(image: Image.Image) -> None:
@@ -120,7 +123,13 @@ def _gray_to_rgb(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(values).astype(np.uint8)).convert("RGB")
 
 
-def _reason(error: Exception, path: str | os.PathLike) -> str:
+def _size(path: str | os.PathLike | BinaryIO) -> int | None:
+    if isinstance(path, (str, os.PathLike)):
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    return len(path.getbuffer()) if hasattr(path, "getbuffer") else None
+
+
+def _reason(error: Exception, path: str | os.PathLike | BinaryIO) -> str:
     """One line saying what is wrong with the file, without Pillow's repetition of its name."""
     message = " ".join(str(error).split())
     if isinstance(error, _Unusable):
@@ -128,7 +137,7 @@ def _reason(error: Exception, path: str | os.PathLike) -> str:
     if isinstance(error, Image.DecompressionBombError):
         return f"refused as a possible decompression bomb ({message})"
     if isinstance(error, UnidentifiedImageError):
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
+        if _size(path) == 0:
             return "the file is empty"
         return "not an image Pillow can read (unknown format, corrupt header or zero size)"
     if isinstance(error, OSError) and error.errno is not None:  # the file system's own reason

@@ -180,6 +180,10 @@ class TrainConfig:
         AUTO, "stochastic depth rate of the model", group="model", low=0, high=1, high_open=True
     )
     channels_last: bool = option(False, "use channels-last memory format", group="model")
+    sync_bn: bool = option(
+        False, "synchronise BatchNorm statistics across processes (timm's convert_sync_batchnorm; GPUs only)",
+        group="model",
+    )  # fmt: skip
     compile: bool = option(False, "compile the model with torch.compile", group="model")
     # -- optimisation
     epochs: int = option(300, "number of epochs", group="optimization", low=1)

@@ -113,7 +113,7 @@ class ShardedSampler(Sampler[int]):
 
 def make_loader(
     dataset: Dataset,
-    sampler: Sampler,
+    sampler: Sampler | None,
     batch_size: int,
     workers: int,
     drop_last: bool,

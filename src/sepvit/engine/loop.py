@@ -38,6 +38,7 @@ from sepvit.engine.distributed import DistContext, all_reduce, any_process, from
 from sepvit.engine.files import make_folder, write_text
 from sepvit.engine.optim import amp_dtype, autocast, build_optimizer, build_scheduler
 from sepvit.engine.reporting import Progress, TensorBoard, epoch_summary, log, try_plot_curves, write_csv
+from sepvit.engine.shards import ShardStream
 from sepvit.errors import CheckpointError, ConfigError, DataError, SepViTError, TrainingError
 from sepvit.utils.extras import require
 
@@ -63,8 +64,9 @@ class Task(abc.ABC):
 
     kind: ClassVar[TaskKind]
     model: nn.Module
-    train_set: Dataset
+    train_set: Dataset  # map-style, or a ShardStream that orders and seeds itself
     collate_fn: Callable | None = None
+    lr_rule: str = ""  # how ``resolve`` derived the learning rate, for the start-up line
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -218,14 +220,22 @@ class Trainer:
         self.run_dir = resume_dir or self._new_run_dir()
         self.checkpoints = ckpt.RunCheckpoints(self.run_dir)
 
+        if config.sync_bn and context.distributed and context.device.type == "cpu":
+            raise ConfigError("--sync-bn needs GPUs: PyTorch synchronises BatchNorm only on accelerators")
         seed_everything(config.seed)
         task.setup(context)
         self.model = task.model.to(context.device)
+        if config.sync_bn and context.distributed:
+            from timm.layers import convert_sync_batchnorm
+
+            self.model = convert_sync_batchnorm(self.model)  # same parameters, synchronised statistics
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         train_set = task.train_set
+        streamed = isinstance(train_set, ShardStream)
         if config.limit_train is not None:
-            train_set = Subset(train_set, range(min(config.limit_train, len(train_set))))
+            count = min(config.limit_train, len(train_set))
+            train_set = train_set.first(count) if streamed else Subset(train_set, range(count))
             if context.is_main:
                 log(f"train: the first {len(train_set)} images (--limit-train)")
         self.global_batch = config.batch_size * context.world_size
@@ -235,13 +245,19 @@ class Trainer:
                 f"{len(train_set)} training images make no full step of {self.global_batch} images × "
                 f"{config.accum_steps} accumulation steps; lower --batch-size or --accum-steps"
             )
-        self.train_data = SeededItems(train_set, seed=config.seed)
-        self.train_sampler = ShardedSampler(
-            len(train_set), context.rank, context.world_size, True, config.seed, self.global_batch
-        )
+        if streamed:
+            batches = self.updates_per_epoch * config.accum_steps
+            train_set.configure(context.rank, context.world_size, config.workers, config.batch_size, batches)
+            self.train_data = self.train_order = train_set
+            sampler = None
+        else:
+            self.train_data = SeededItems(train_set, seed=config.seed)
+            self.train_order = sampler = ShardedSampler(
+                len(train_set), context.rank, context.world_size, True, config.seed, self.global_batch
+            )
         self.train_loader = make_loader(
             self.train_data,
-            self.train_sampler,
+            sampler,
             config.batch_size,
             config.workers,
             drop_last=True,
@@ -337,6 +353,9 @@ class Trainer:
                 "rng": rng,
                 "history": self.history,
                 "best": self.best,
+                "data_layout": list(self.train_data.layout)
+                if isinstance(self.train_data, ShardStream)
+                else None,
             }
             weights = {ckpt.LAST: (self.model.state_dict(), self._info("model", metrics))}
             if self.ema is not None:
@@ -394,6 +413,13 @@ class Trainer:
         )
         self.history, self.best = state["history"], state["best"]
         self.saved_at = (self.epoch, self.step_in_epoch)
+        layout = state.get("data_layout")
+        if self.step_in_epoch and layout and tuple(layout) != self.train_data.layout:
+            raise ConfigError(
+                f"--resume {self.run_dir}: the run stopped part-way through an epoch of shards read by "
+                f"{layout[0]} process(es) with {layout[1]} loader stream(s) each; resume it with as many "
+                f"processes and --workers {layout[1] if layout[1] > 1 else 0} to continue that epoch exactly"
+            )
         if self.context.is_main:
             best_from = self.checkpoints.folder / self.best["folder"] if self.best.get("folder") else None
             removed = self.checkpoints.clean({folder, best_from or folder})
@@ -409,7 +435,7 @@ class Trainer:
         accum = config.accum_steps
         epoch = self.epoch + 1
         self.train_data.epoch = epoch
-        self.train_sampler.set_epoch(epoch, skip_batches=self.step_in_epoch * accum)
+        self.train_order.set_epoch(epoch, skip_batches=self.step_in_epoch * accum)
         progress = Progress(
             epoch,
             config.epochs,
@@ -417,9 +443,10 @@ class Trainer:
             self.step_in_epoch,
             config.log_interval,
             context.is_main,
+            context.world_size,
         )
         self.train_model.train()
-        self.images_this_session = 0
+        self.images_this_session = self.images_here = 0
         batches = iter(self.train_loader)
         try:
             while self.step_in_epoch < self.updates_per_epoch:
@@ -442,6 +469,7 @@ class Trainer:
                 for key, value in window.items():
                     self.partial[key] = self.partial.get(key, 0.0) + value
                 self.images_this_session += int(window["images"]) * context.world_size
+                self.images_here += int(window["images"])
                 lr = self.optimizer.param_groups[0]["lr"]
                 progress.update(
                     int(window["images"]) * context.world_size, window["loss"] / window["images"], lr
@@ -510,6 +538,7 @@ class Trainer:
 
     def _end_epoch(self, seconds: float) -> None:
         self._check_weights()
+        rates = gather(self.images_here / seconds, self.context)
         partial = self._reduced_partial()
         model_metrics = self._evaluate(self.model)
         ema_metrics = self._evaluate(self.ema.module) if self.ema is not None else None
@@ -554,6 +583,9 @@ class Trainer:
             write_csv(self.history, self.run_dir / "metrics.csv")
             self.tensorboard.epoch(row)
             log(epoch_summary(row, self.config.epochs, self.task.metric_names))
+            if self.context.distributed:
+                shown = ", ".join(f"{rate:.0f}" for rate in rates)
+                log(f"epoch {self.epoch}: {sum(rates):.0f} img/s in total; per process (rank order): {shown}")
 
     def run(self) -> RunResult:
         config, context = self.config, self.context
@@ -566,9 +598,13 @@ class Trainer:
             log(f"run folder: {self.run_dir}")
             params = sum(p.numel() for p in self.model.parameters()) / 1e6
             log(
-                f"{self.task.kind.name} model {config.model} ({params:.2f}M params), {context.world_size} "
-                f"process(es) on {context.device}, global batch {self.global_batch * config.accum_steps}, "
-                f"lr {config.lr:.2e}, {config.epochs} epochs of {self.updates_per_epoch} steps"
+                f"{self.task.kind.name} model {config.model} ({params:.2f}M params) on {context.device}, "
+                f"{config.epochs} epochs of {self.updates_per_epoch} steps"
+            )
+            log(
+                f"world size {context.world_size}, per-process batch {config.batch_size}, accumulation "
+                f"{config.accum_steps}, effective batch {self.global_batch * config.accum_steps}, "
+                f"lr {config.lr:.3g} ({self.task.lr_rule or 'given'})"
             )
         self.tensorboard = TensorBoard(
             self.run_dir / "tensorboard" if config.tensorboard and context.is_main else None

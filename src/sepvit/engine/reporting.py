@@ -27,9 +27,17 @@ class Progress:
     """A tqdm bar on a terminal; plain lines every ``interval`` steps otherwise (CI, log files)."""
 
     def __init__(
-        self, epoch: int, epochs: int, total_steps: int, start_step: int, interval: int, enabled: bool
+        self,
+        epoch: int,
+        epochs: int,
+        total_steps: int,
+        start_step: int,
+        interval: int,
+        enabled: bool,
+        processes: int = 1,
     ) -> None:
         self.epoch, self.epochs, self.total = epoch, epochs, total_steps
+        self.processes = processes
         self.step = start_step
         self.interval = interval
         self.enabled = enabled
@@ -59,6 +67,7 @@ class Progress:
             log(
                 f"epoch {self.epoch}/{self.epochs} step {self.step}/{self.total} "
                 f"loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s"
+                + (f" ({rate / self.processes:.0f} per process)" if self.processes > 1 else "")
             )
 
     def close(self) -> None:

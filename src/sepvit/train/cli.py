@@ -20,7 +20,8 @@ DEMO_PRESET = "digits-demo"
 
 TRAIN_EPILOG = """\
 options are resolved in layers: defaults < --preset < the resumed run's config.yaml < --config < flags.
-Many processes: torchrun --nproc_per_node=N -m sepvit train ... (gloo on CPU, NCCL on GPU).
+Many processes: torchrun --nproc_per_node=N -m sepvit train ... (gloo on CPU, NCCL on GPU); many nodes:
+torchrun --nnodes=N --nproc_per_node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m sepvit train ...
 exit codes: 0 done, 1 NaN loss or checkpoint not written, 2 bad input, 130/143 stopped by SIGINT/SIGTERM
 (a checkpoint was saved; continue with --resume RUN)."""
 
@@ -101,6 +102,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--top-k", type=_positive, default=5, help="classes to show per image")
     _add_plain_state_dict_options(predict)
     predict.set_defaults(func=predict_command)
+
+    data = subparsers.add_parser("data", help="prepare datasets: pack an image folder into tar shards")
+    actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+    pack = actions.add_parser(
+        "pack",
+        help="write an image folder's train/ and val/ images as WebDataset tar shards",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pack FOLDER/train/<class>/* and FOLDER/val/<class>/* into OUT/train-NNNNNN.tar and "
+        "OUT/val-NNNNNN.tar (each image's bytes unchanged, its label as .cls) with an _info.json of "
+        "classes and sample counts; train with --data OUT. Unreadable images are skipped and listed.",
+    )
+    pack.add_argument("folder", help="image folder with train/ and val/")
+    pack.add_argument("out", help="new folder for the shards")
+    pack.add_argument("--shard-size", type=_positive, default=1000, help="images per shard")
+    pack.set_defaults(func=pack_command)
 
 
 def _positive(text: str) -> int:
@@ -210,6 +226,18 @@ def eval_command(args: argparse.Namespace) -> int:
         )
         if "confusion_matrix" in result:
             print(f"confusion matrix: {result['confusion_matrix']}")
+    return 0
+
+
+def pack_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sepvit.train.data import describe, pack_image_folder
+
+    info, image_sets = pack_image_folder(Path(args.folder), Path(args.out), args.shard_size)
+    for (split, entry), image_set in zip(info["splits"].items(), image_sets):
+        print(describe(image_set, split) + f" -> {len(entry['filenames'])} shard(s)")
+    print(f"shards: {args.out} (train with --data {args.out})")
     return 0
 
 

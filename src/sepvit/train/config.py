@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from typing import Any, Literal
 
 from sepvit.engine.config import AUTO, TrainConfig, option
@@ -23,10 +22,18 @@ class ClassifyConfig(TrainConfig):
         "digits",
         "'digits' (scikit-learn's bundled 8×8 digits, 80/20 stratified split with random_state=0; "
         "val is the test split), 'digits-val' (digits' train split alone, split again the same way, "
-        "for choosing a recipe without the test images) or a folder with train/<class>/* and "
-        "val/<class>/* images",
+        "for choosing a recipe without the test images), a folder with train/<class>/* and "
+        "val/<class>/* images, WebDataset shards (wds:DIR, a folder with _info.json, or a brace pattern "
+        "such as shards/train-{000000..000127}.tar) or a Hugging Face dataset (hfds:NAME or a "
+        "save_to_disk folder)",
         group="data",
-        metavar="DIGITS|DIR",
+        metavar="DIGITS|DIR|SHARDS|HFDS",
+    )
+    val_data: str | None = option(
+        None,
+        "validation shards, when --data names training shards without an _info.json val split beside them",
+        group="data",
+        metavar="SHARDS",
     )
     img_size: int | Literal["auto"] = option(
         AUTO,
@@ -72,14 +79,25 @@ class ClassifyConfig(TrainConfig):
     )
     # -- optimisation
     lr_base: float = option(
-        1e-3, "learning rate at lr_base_size images per step (used when --lr is not given)",
+        1e-3, "learning rate at lr_base_size images per step, scaled linearly to the effective batch "
+        "(used when --lr is not given)",
         group="optimization", low=0, low_open=True,
     )  # fmt: skip
     lr_base_size: int = option(1024, "global batch size that lr_base refers to", group="optimization", low=1)
 
 
 # Options that define a run: a resumed run refuses other values for them.
-RUN_DEFINING = ("model", "data", "img_size", "batch_size", "accum_steps", "seed", "limit_train", "pretrained")
+RUN_DEFINING = (
+    "model",
+    "data",
+    "val_data",
+    "img_size",
+    "batch_size",
+    "accum_steps",
+    "seed",
+    "limit_train",
+    "pretrained",
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # sepvit_lite with the paper's 7×7 windows on the 8×8 digits upsampled to 32 px (a 2×2 window
@@ -122,6 +140,10 @@ SIZE_RECIPES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def effective_batch(config: ClassifyConfig, world_size: int) -> int:
+    return config.batch_size * config.accum_steps * world_size
+
+
 def apply_recipe_defaults(config: ClassifyConfig, world_size: int) -> ClassifyConfig:
     """Fill ``auto`` options from the model size, the data and the batch; returns a new config."""
     recipe = dict(next(r for pattern, r in SIZE_RECIPES if fnmatch.fnmatch(config.model, pattern)))
@@ -131,10 +153,8 @@ def apply_recipe_defaults(config: ClassifyConfig, world_size: int) -> ClassifyCo
     is_digits = config.data in DIGITS_DATA
     if config.hflip == AUTO:
         changes["hflip"] = 0.0 if is_digits else 0.5
-    if config.lr is None:
-        ratio = config.batch_size * config.accum_steps * world_size / config.lr_base_size
-        adaptive = any(name in config.opt.lower() for name in ("adam", "lamb"))
-        changes["lr"] = config.lr_base * (math.sqrt(ratio) if adaptive else ratio)
+    if config.lr is None:  # the linear rule the papers' recipes state their learning rate with
+        changes["lr"] = config.lr_base * effective_batch(config, world_size) / config.lr_base_size
     if is_digits and config.crop_pct == AUTO:
         changes["crop_pct"] = 1.0
     return dataclasses.replace(config, **changes)

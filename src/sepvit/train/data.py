@@ -11,15 +11,24 @@ JPEG, PNG, BMP, GIF, TIFF or WebP. Every file is opened and checked when the dat
 files that cannot be read as images are skipped, counted and reported with their names. A file that
 passes that check but fails to decode later (e.g. truncated) stops the run with an error naming it.
 
+Shards (``wds:DIR``, a brace pattern such as ``shards/train-{000000..000127}.tar``, or a folder with
+``_info.json``): WebDataset tar files whose samples hold an image (``.jpg``, ``.png``, ...) and its
+label (``.cls``), as ``sepvit data pack`` writes them from an image folder; read as streams
+(:mod:`sepvit.engine.shards`). Hugging Face datasets (``hfds:NAME`` from the local cache, or a
+``save_to_disk`` folder): the ``train`` split and ``validation`` (or ``val``, ``test``), the first
+``Image`` column and the first ``ClassLabel`` column.
+
 Augmentation is random per image but reproducible: the engine seeds each image's transform by
-(seed, epoch, index) (:class:`sepvit.engine.data.SeededItems`).
+(seed, epoch, index) (:class:`sepvit.engine.data.SeededItems`), shard streams by (seed, epoch, key).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,19 @@ from torch.utils.data import Dataset
 
 from sepvit.data_io import IMAGE_SUFFIXES, is_image_file, open_image
 from sepvit.engine.data import check_image
+from sepvit.engine.shards import (
+    INFO_FILE,
+    WDS_PREFIX,
+    ShardSet,
+    ShardStream,
+    check_new_shard_folder,
+    is_shard_spec,
+    open_shards,
+    read_info,
+    read_samples,
+    sample_bytes,
+    write_shards,
+)
 from sepvit.errors import ConfigError, DataError
 from sepvit.utils.extras import require
 
@@ -39,6 +61,8 @@ DIGITS = "digits"
 DIGITS_VAL = "digits-val"  # the training images split again into train and validation
 DIGITS_DATA = (DIGITS, DIGITS_VAL)
 VAL_FOLDER_NAMES = ("val", "validation")
+# Where a shard's sample keeps its image: webdataset's extensions of the formats open_image reads.
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 @dataclass
@@ -132,9 +156,12 @@ def find_val_dir(root: Path) -> Path:
 
 
 def load_image_sets(data: str, img_size: int) -> tuple[ImageSet, ImageSet]:
-    """Training and validation images for ``--data`` (``digits``, ``digits-val`` or a folder)."""
+    """Training and validation images for ``--data`` (``digits``, ``digits-val``, a Hugging Face
+    dataset or a folder)."""
     if data in DIGITS_DATA:
         return load_digits_split("train", img_size, data), load_digits_split("val", img_size, data)
+    if is_hf_spec(data):
+        return load_hf_sets(data)
     root = Path(data)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
@@ -143,6 +170,154 @@ def load_image_sets(data: str, img_size: int) -> tuple[ImageSet, ImageSet]:
         raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/*.jpg)")
     train = scan_image_folder(root / "train")
     return train, scan_image_folder(find_val_dir(root), train.classes)
+
+
+def load_classification_data(
+    data: str, val_data: str | None, img_size: int
+) -> tuple[ImageSet | ShardSet, ImageSet | ShardSet]:
+    """Training and validation data for ``--data`` and ``--val-data``: image sets, or shards
+    (:func:`sepvit.engine.shards.open_shards`) read as streams."""
+    if not is_shard_spec(data):
+        if val_data is not None:
+            raise ConfigError(
+                "--val-data is for shards; image folders and datasets bring their own val split"
+            )
+        return load_image_sets(data, img_size)
+    train = open_shards(data, "train")
+    if val_data is not None:
+        val = open_shards(val_data, "val")
+    else:
+        folder = data.removeprefix(WDS_PREFIX)
+        folder = folder if Path(folder).is_dir() else str(Path(train.urls[0]).parent)
+        if read_info(folder) is None:
+            raise DataError(
+                f"--data {data}: no {INFO_FILE} beside the shards names a val split; give --val-data"
+            )
+        val = open_shards(folder, "val")
+    classes = train.classes or shard_classes(train)
+    return replace(train, classes=classes), replace(val, classes=val.classes or classes)
+
+
+def shard_classes(shards: ShardSet) -> tuple[str, ...]:
+    """Class names ``0..max`` from the ``.cls`` entries, for shards whose info file names none."""
+    labels = {
+        int(sample["cls"])
+        for url in shards.urls
+        for sample in read_samples(url, select=lambda name: name.endswith(".cls"))
+    }
+    return tuple(str(label) for label in range(max(labels, default=-1) + 1))
+
+
+class ClassifySample:
+    """A shard's sample (image bytes under any image extension, label as ``.cls`` text) transformed."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        extension, data = sample_bytes(sample, SHARD_IMAGE_EXTENSIONS)
+        name = f"{sample['__url__']}/{sample['__key__']}.{extension}"
+        if "cls" not in sample:
+            raise DataError(f"sample {name} has no .cls label")
+        return self.transform(open_image(io.BytesIO(data), name)), int(sample["cls"])
+
+
+def image_folder_samples(image_set: ImageSet) -> Iterator[dict[str, Any]]:
+    """The images of a scanned folder as shard samples: the file's bytes, unchanged, under its own
+    extension (``jpg`` for ``.jpeg``), the label as ``.cls`` and the file's path relative to the
+    split folder in ``.json``."""
+    for index, (path, label) in enumerate(zip(image_set.items, image_set.labels)):
+        extension = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        relative = f"{path.parent.name}/{path.name}"
+        yield {
+            "__key__": f"{index:08d}",
+            extension: path.read_bytes(),
+            "cls": str(label).encode(),
+            "json": json.dumps({"path": relative}).encode(),
+        }
+
+
+def pack_image_folder(root: Path, out: Path, shard_size: int) -> tuple[dict[str, Any], list[ImageSet]]:
+    """``root/train`` (in an order shuffled with seed :data:`PACK_SEED`) and ``root/val`` (or
+    ``validation``, in order) as shards in ``out`` with ``_info.json``."""
+    check_new_shard_folder(out)  # before reading every image
+    if not root.is_dir():
+        raise DataError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    train = scan_image_folder(root / "train")
+    # Shuffled once, so that each shard holds every class: streams shuffle only within a buffer.
+    order = np.random.default_rng(PACK_SEED).permutation(len(train.items))
+    shuffled = ImageSet(train.classes, [train.items[i] for i in order], [train.labels[i] for i in order])
+    sets = {"train": shuffled, "val": scan_image_folder(find_val_dir(root), train.classes)}
+    info = write_shards(
+        {split: image_folder_samples(images) for split, images in sets.items()},
+        out,
+        shard_size,
+        {"classes": train.classes},
+    )
+    return info, [train, sets["val"]]
+
+
+PACK_SEED = 0
+HF_PREFIX = "hfds:"
+HF_VAL_SPLITS = ("validation", "val", "test")
+
+
+def is_hf_spec(data: str) -> bool:
+    """``hfds:NAME`` (a Hugging Face dataset by name, from its cache) or a ``save_to_disk`` folder."""
+    return data.startswith(HF_PREFIX) or (Path(data) / "dataset_dict.json").is_file()
+
+
+def load_hf_sets(data: str) -> tuple[ImageSet, ImageSet]:
+    """The train and validation splits of a Hugging Face image-classification dataset: its first
+    ``Image`` column and its first ``ClassLabel`` column (whose names are the classes)."""
+    datasets = require("datasets", "cluster")
+    try:
+        if data.startswith(HF_PREFIX):
+            splits = datasets.load_dataset(data.removeprefix(HF_PREFIX))
+        else:
+            splits = datasets.load_from_disk(data)
+    except Exception as error:  # datasets raises many types for a missing or foreign dataset
+        raise DataError(f"cannot load dataset {data}: {' '.join(str(error).split())}") from error
+    if "train" not in splits:
+        raise DataError(f"dataset {data} has no 'train' split (it has {', '.join(splits)})")
+    val_split = next((name for name in HF_VAL_SPLITS if name in splits), None)
+    if val_split is None:
+        raise DataError(f"dataset {data} has none of the splits {', '.join(HF_VAL_SPLITS)}")
+    features = splits["train"].features
+    image_column = next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
+    label_column = next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+    if image_column is None or label_column is None:
+        raise DataError(f"dataset {data} needs an Image and a ClassLabel column (it has {dict(features)})")
+    classes = list(features[label_column].names)
+    return tuple(
+        ImageSet(classes, HFImages(splits[name], image_column, f"{data}[{name}]"), splits[name][label_column])
+        for name in ("train", val_split)
+    )
+
+
+class HFImages(Sequence):
+    """The images of a Hugging Face dataset's column, decoded like image files (:func:`open_image`)."""
+
+    def __init__(self, dataset: Any, column: str, name: str) -> None:
+        self.dataset = dataset.cast_column(column, require("datasets", "cluster").Image(decode=False))
+        self.column, self.name = column, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return HFImages(self.dataset.select(range(len(self))[index]), self.column, self.name)
+        stored = self.dataset[index][self.column]
+        where = f"{self.name} image {index}"
+        return open_image(io.BytesIO(stored["bytes"]) if stored.get("bytes") else stored["path"], where)
+
+
+def evaluation_images(val_set: ImageSet | ShardSet, transform: Callable) -> Dataset:
+    """Transformed (image, label) pairs of a validation set: a stream for shards."""
+    if isinstance(val_set, ShardSet):
+        return ShardStream(val_set, ClassifySample(transform), train=False)
+    return ClassificationImages(val_set, transform)
 
 
 class ClassificationImages(Dataset):
@@ -214,8 +389,11 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def describe(image_set: ImageSet, name: str) -> str:
+def describe(image_set: ImageSet | ShardSet, name: str) -> str:
     """One line such as ``train: 1437 images, 10 classes`` plus skipped files, if any."""
+    if isinstance(image_set, ShardSet):
+        shards = f"{len(image_set.urls)} shards"
+        return f"{name}: {len(image_set)} images in {shards}, {len(image_set.classes)} classes"
     line = f"{name}: {len(image_set.items)} images, {len(image_set.classes)} classes"
     if image_set.skipped:
         shown = "; ".join(f"{path} ({reason})" for path, reason in image_set.skipped[:5])
@@ -224,7 +402,9 @@ def describe(image_set: ImageSet, name: str) -> str:
     return line
 
 
-def limit(image_set: ImageSet, count: int | None) -> ImageSet:
+def limit(image_set: ImageSet | ShardSet, count: int | None) -> ImageSet | ShardSet:
     if count is None:
         return image_set
+    if isinstance(image_set, ShardSet):
+        return image_set.first(count)
     return ImageSet(image_set.classes, image_set.items[:count], image_set.labels[:count], image_set.skipped)

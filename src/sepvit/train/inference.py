@@ -16,7 +16,7 @@ from sepvit.engine.distributed import single_process
 from sepvit.engine.optim import amp_dtype
 from sepvit.engine.reporting import log, pyplot, save_figure
 from sepvit.errors import CheckpointError, ConfigError
-from sepvit.train.data import ClassificationImages, describe, eval_transform, load_image_sets
+from sepvit.train.data import describe, eval_transform, evaluation_images, load_classification_data
 from sepvit.train.models import create_model, data_config_for, default_img_size
 from sepvit.train.task import classification_loader, evaluate
 
@@ -99,16 +99,17 @@ def run_eval(
     val_set = None
     if model_name is not None:
         # A plain state dict has no class names: the data's folders give them.
-        _, val_set = load_image_sets(data, img_size or default_img_size(model_name))
-    model, info = load_model(path, model_name, num_classes, img_size, val_set.classes if val_set else None)
+        _, val_set = load_classification_data(data, None, img_size or default_img_size(model_name))
+    classes = list(val_set.classes) if val_set else None
+    model, info = load_model(path, model_name, num_classes, img_size, classes)
     data = data or info.get("data")
     if not data:
         raise ConfigError("pass --data (digits or a folder): the checkpoint does not name its data")
     context = single_process(device)
     data_config = info["data_config"]
     if val_set is None:
-        _, val_set = load_image_sets(data, data_config["input_size"][-1])
-    if val_set.classes != info["classes"]:
+        _, val_set = load_classification_data(data, None, data_config["input_size"][-1])
+    if list(val_set.classes) != info["classes"]:
         raise ConfigError(
             f"the classes of {data} ({len(val_set.classes)}) differ from the checkpoint's "
             f"({len(info['classes'])}): {val_set.classes[:10]} vs {info['classes'][:10]}"
@@ -116,7 +117,7 @@ def run_eval(
     if not quiet:
         log(describe(val_set, "val"))
     loader = classification_loader(
-        ClassificationImages(val_set, eval_transform(data_config)), batch_size, workers, context
+        evaluation_images(val_set, eval_transform(data_config)), batch_size, workers, context
     )
     model.to(context.device)
     metrics = evaluate(model, loader, context, amp_dtype(amp, context.device), collect=True)

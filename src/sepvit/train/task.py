@@ -1,4 +1,5 @@
-"""Image classification as an engine task: digits or image folders, timm models, mixup, top-1/top-5."""
+"""Image classification as an engine task: digits, image folders, shards or Hugging Face datasets,
+timm models, mixup, top-1/top-5."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from sepvit.engine.distributed import DistContext, all_reduce
 from sepvit.engine.loop import Task, TaskKind
 from sepvit.engine.optim import autocast
 from sepvit.engine.reporting import log
-from sepvit.train.config import RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
+from sepvit.engine.shards import ShardSet, ShardStream
+from sepvit.train.config import RUN_DEFINING, ClassifyConfig, apply_recipe_defaults, effective_batch
 from sepvit.train.data import (
     ClassificationImages,
+    ClassifySample,
     describe,
     eval_transform,
+    evaluation_images,
     limit,
-    load_image_sets,
+    load_classification_data,
     train_transform,
 )
 from sepvit.train.models import create_model, data_config_for, default_img_size
@@ -40,6 +44,11 @@ class ClassificationTask(Task):
         self.architecture = architecture or {}
 
     def resolve(self, config: ClassifyConfig, world_size: int) -> ClassifyConfig:
+        if config.lr is None:
+            self.lr_rule = (
+                f"--lr-base {config.lr_base:g} × effective batch {effective_batch(config, world_size)} / "
+                f"{config.lr_base_size} (linear rule)"
+            )
         config = apply_recipe_defaults(config, world_size)
         if config.img_size == AUTO:
             config = config.replace(img_size=default_img_size(config.model))
@@ -47,8 +56,8 @@ class ClassificationTask(Task):
 
     def setup(self, context: DistContext) -> None:
         config = self.config
-        train_set, val_set = load_image_sets(config.data, config.img_size)
-        self.classes = train_set.classes
+        train_set, val_set = load_classification_data(config.data, config.val_data, config.img_size)
+        self.classes = list(train_set.classes)
         val_set = limit(val_set, config.limit_val)
         if context.is_main:
             log(describe(train_set, "train"))
@@ -70,16 +79,13 @@ class ClassificationTask(Task):
         elif from_timm and context.is_main:
             log(f"fine-tuning from timm's pretrained {config.model}")
         self.data_config = data_config_for(self.model, config.img_size, config.crop_pct)
-        self.train_set = ClassificationImages(
-            train_set,
-            train_transform(self.data_config, config.aa, config.scale, config.hflip, config.reprob),
-        )
-        self.val_loader = classification_loader(
-            ClassificationImages(val_set, eval_transform(self.data_config)),
-            config.batch_size,
-            config.workers,
-            context,
-        )
+        augment = train_transform(self.data_config, config.aa, config.scale, config.hflip, config.reprob)
+        if isinstance(train_set, ShardSet):
+            self.train_set = ShardStream(train_set, ClassifySample(augment), train=True, seed=config.seed)
+        else:
+            self.train_set = ClassificationImages(train_set, augment)
+        evaluated = evaluation_images(val_set, eval_transform(self.data_config))
+        self.val_loader = classification_loader(evaluated, config.batch_size, config.workers, context)
         self.mixup = None
         if config.mixup > 0 or config.cutmix > 0:
             from timm.data import Mixup
@@ -127,10 +133,14 @@ def training_loss(mixup: bool, smoothing: float) -> nn.Module:
 
 
 def classification_loader(
-    dataset: ClassificationImages, batch_size: int, workers: int, context: DistContext
+    dataset: ClassificationImages | ShardStream, batch_size: int, workers: int, context: DistContext
 ) -> DataLoader:
-    """This process's share of an evaluation set, in order."""
-    sampler = ShardedSampler(len(dataset), context.rank, context.world_size, False)
+    """This process's share of an evaluation set, in order; every image in exactly one process."""
+    if isinstance(dataset, ShardStream):
+        dataset.configure(context.rank, context.world_size, workers)
+        sampler = None
+    else:
+        sampler = ShardedSampler(len(dataset), context.rank, context.world_size, False)
     return make_loader(
         dataset, sampler, batch_size, workers, drop_last=False, pin_memory=context.device.type == "cuda"
     )

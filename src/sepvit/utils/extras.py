@@ -8,7 +8,8 @@ extras of the package (see ``[project.optional-dependencies]`` in pyproject.toml
 - ``dense``: ``train`` and pycocotools
 - ``bench``: ``export``, matplotlib and vit-pytorch (a peer model)
 - ``explain``: grad-cam (Grad-CAM overlays)
-- ``all``: all five; ``dev``: ``all``, segmentation-models-pytorch and the test tools
+- ``cluster``: ``train``, webdataset and datasets (tar shards, Hugging Face datasets)
+- ``all``: all six; ``dev``: ``all``, segmentation-models-pytorch and the test tools
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from types import ModuleType
 
 from sepvit.errors import MissingExtraError
 
-EXTRAS = ("train", "export", "dense", "bench", "explain", "smp", "all", "dev")
+EXTRAS = ("train", "export", "dense", "bench", "explain", "cluster", "smp", "all", "dev")
 
 
 def require(module: str, extra: str) -> ModuleType:
