@@ -60,7 +60,10 @@ def sepvit_lite_onnx(tmp_path_factory):
             if "window_tokens" in name:
                 parameter.normal_(std=0.5)
     path = tmp_path_factory.mktemp("onnx") / "sepvit_lite.onnx"
-    return model, export_onnx(model, path, (3, 224, 224), dynamic_size=True, name="sepvit_lite")
+    # check_shapes=(): the tests below compare it themselves
+    return model, export_onnx(
+        model, path, (3, 224, 224), dynamic_size=True, name="sepvit_lite", check_shapes=()
+    )
 
 
 @pytest.mark.slow
@@ -87,7 +90,7 @@ def test_sepvit_lite_operator_census_is_universal(sepvit_lite_onnx):
 @pytest.fixture(scope="module")
 def sepvit_lite_fixed_onnx(sepvit_lite_onnx, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "sepvit_lite_fixed.onnx"
-    return export_onnx(sepvit_lite_onnx[0], path, (3, 224, 224), name="sepvit_lite")
+    return export_onnx(sepvit_lite_onnx[0], path, (3, 224, 224), name="sepvit_lite", check_shapes=())
 
 
 @pytest.mark.slow

@@ -165,6 +165,7 @@ class Runner:
             fp16=fp16,
             opset=self.settings.opset,
             name=self.subject.name,
+            check_shapes=(),  # timed, not verified: tests and `sepvit export` verify exports
         )
         session = onnxruntime_session(path, self.settings.device, torch.get_num_threads())
         self._keepalive = directory

@@ -1,22 +1,31 @@
-"""``sepvit export``: ONNX export, ``onnx.checker``, ONNX Runtime comparison and operator census."""
+"""``sepvit export``: ONNX export, ``onnx.checker``, ONNX Runtime comparison, operator census, and
+int8 quantisation behind an accuracy gate."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a model to ONNX and verify it against PyTorch in ONNX Runtime",
+        help="export a model or checkpoint to ONNX (fp32, fp16 or int8), verified in ONNX Runtime",
         description="Export to ONNX (dynamic batch; dynamic height/width with --dynamic-size), check the "
-        "graph with onnx.checker, compare ONNX Runtime with PyTorch (exit code 1 above the tolerance) "
-        "and list the operators the graph uses.",
+        "graph with onnx.checker, compare ONNX Runtime with PyTorch (exit code 1 above the tolerance, "
+        "2 when it cannot run an input; nothing is written then) and list the operators the graph uses. "
+        "A checkpoint of `sepvit train` exports with its classes and preprocessing, for `sepvit eval` "
+        "and `sepvit predict`; --int8 quantises it, refusing when top-1 drops more than --max-drop.",
     )
-    parser.add_argument("model", help="model name (ours or timm's)")
-    parser.add_argument("-o", "--output", type=Path, help="ONNX file (default: MODEL.onnx)")
+    parser.add_argument("model", help="model name (ours or timm's), or a checkpoint of `sepvit train`")
+    parser.add_argument(
+        "-o", "--output", type=Path,
+        help="ONNX file (default: MODEL.onnx, or beside the checkpoint: NAME.onnx / NAME-int8.onnx)",
+    )  # fmt: skip
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] (default: the model's)")
     parser.add_argument("--dynamic-size", action="store_true", help="dynamic height and width as well")
     parser.add_argument("--fp16", action="store_true", help="export in half precision")
@@ -31,69 +40,166 @@ def register(subparsers) -> None:
         help="batch sizes compared in ONNX Runtime (default: 1 3)",
     )  # fmt: skip
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
+    int8 = parser.add_argument_group("int8 (a checkpoint only)")
+    int8.add_argument(
+        "--int8", action="store_true",
+        help="static int8 quantisation (ONNX Runtime QDQ, per-channel weights) behind an accuracy gate",
+    )  # fmt: skip
+    int8.add_argument(
+        "--calibration", metavar="DATA",
+        help="'digits' or a folder with train/ and val/: calibrate on train/ images, measure top-1 on val/ "
+        "(default: the data the checkpoint was trained on)",
+    )  # fmt: skip
+    int8.add_argument(
+        "--calibration-images", type=int, default=256, metavar="N", help="training images to calibrate on"
+    )  # fmt: skip
+    int8.add_argument(
+        "--max-drop", type=float, default=1.0, metavar="POINTS",
+        help="top-1 points int8 may lose on the held-out images; above it the sensitive nodes stay in "
+        "float, and if that still loses more, nothing is written (exit 2)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.set_defaults(func=run_export)
 
 
+def _is_checkpoint(name: str) -> bool:
+    return Path(name).suffix.lower() in CHECKPOINT_SUFFIXES or Path(name).is_file()
+
+
 def run_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sepvit.engine.files import write_text
     from sepvit.errors import ConfigError
-    from sepvit.export import ExportMismatchError, compare_outputs, export_onnx, operator_census
-    from sepvit.export.onnx_export import prepare_deploy
-    from sepvit.models.names import create_model_at_size, default_input_size
+    from sepvit.export import ExportMismatchError, export_onnx, operator_census
+    from sepvit.export.onnx_export import check_shapes_for, prepare_deploy
     from sepvit.utils import count_params
 
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         raise ConfigError("--img-size takes H or H W")
-    img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
-    model = create_model_at_size(args.model, img_size)
-    channels, height, width = default_input_size(args.model)
-    if img_size:
-        height, width = img_size
+    if args.int8 and args.fp16:
+        raise ConfigError("--int8 and --fp16 exclude each other")
+    model, name, (channels, height, width), info = _model_to_export(args)
     if args.deploy:
         model = prepare_deploy(model)
-    output = args.output or Path(f"{args.model}.onnx")
-    exported = export_onnx(
-        model, output, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
-        opset=args.opset, name=args.model,
-    )  # fmt: skip
-    size_mb = exported.path.stat().st_size / 2**20
-    print(f"{args.model}: {count_params(model) / 1e6:.2f} M params -> {exported.path} ({size_mb:.1f} MiB)")
-    print(f"  graph input {exported.input_name} {list(exported.input_shape)}, opset {exported.opset}, "
-          f"{'fp16' if exported.fp16 else 'fp32'}, onnx.checker passed")  # fmt: skip
-    report = {
-        "model": args.model,
-        "path": str(exported.path),
-        "input_shape": list(exported.input_shape),
-        "fp16": exported.fp16,
-        "deploy": args.deploy,
-        "opset": exported.opset,
-    }
-    status = 0
-    if not args.no_check:
-        shapes = [(batch, channels, height, width) for batch in args.check_batch_sizes]
-        if args.dynamic_size:
-            shapes.append((args.check_batch_sizes[0], channels, height + 32, width + 32))
+    if args.output is not None:
+        output = args.output
+    elif info is not None:
+        output = Path(args.model).with_name(Path(args.model).stem + ("-int8" if args.int8 else "") + ".onnx")
+    else:
+        output = Path(f"{name}.onnx")
+    shapes = (
+        []
+        if args.no_check
+        else check_shapes_for((channels, height, width), args.dynamic_size, args.check_batch_sizes)
+    )
+    report: dict[str, Any] = {
+        "model": name, "path": str(output), "fp16": args.fp16, "int8": args.int8, "deploy": args.deploy,
+        "opset": args.opset,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="sepvit-export-") as folder:
+        float_path = Path(folder) / "float.onnx" if args.int8 else output
         try:
-            comparisons = compare_outputs(model, exported, shapes, args.tolerance)
+            exported = export_onnx(
+                model, float_path, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
+                opset=args.opset, name=name, check_shapes=shapes, tolerance=args.tolerance, metadata=info,
+            )  # fmt: skip
         except ExportMismatchError as error:
             print(f"  FAILED: {error}")
-            comparisons, status = [], 1
             report["failure"] = str(error)
-        for result in comparisons:
+            if args.json:
+                write_text(args.json, json.dumps(report, indent=2) + "\n")
+            return 1
+        print(f"{name}: {count_params(model) / 1e6:.2f} M params, graph input {exported.input_name} "
+              f"{list(exported.input_shape)}, opset {exported.opset}, {'fp16' if exported.fp16 else 'fp32'}, "
+              f"traced at {list(exported.traced_size)}, onnx.checker passed")  # fmt: skip
+        for result in exported.comparisons:
             print(f"  ONNX Runtime vs PyTorch {list(result.input_shape)}: max abs diff "
                   f"{result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e}) ok")  # fmt: skip
+        report["input_shape"] = list(exported.input_shape)
         report["comparisons"] = [
             {"input_shape": list(r.input_shape), "max_abs_diff": r.max_abs_diff, "tolerance": r.tolerance}
-            for r in comparisons
+            for r in exported.comparisons
         ]
-    census = operator_census(exported.path)
+        if args.int8:
+            report["int8"] = _quantize(args, exported.path, output, info)
+    size_mb = output.stat().st_size / 2**20
+    print(f"  -> {output} ({size_mb:.1f} MiB)")
+    census = operator_census(output)
     print("  operators: " + ", ".join(f"{op} {n}" for op, n in census.counts.most_common()))
     unexpected = census.unexpected
     print("  non-universal operators: " + (", ".join(f"{op} {n}" for op, n in unexpected.items()) or "none"))
     report["operators"] = dict(census.counts.most_common())
     report["non_universal_operators"] = unexpected
     if args.json:
-        from sepvit.engine.files import write_text
-
         write_text(args.json, json.dumps(report, indent=2) + "\n")
-    return status
+    return 0
+
+
+def _model_to_export(args: argparse.Namespace):
+    """(model, name, (C, H, W), checkpoint information or None) for the command's model argument."""
+    from sepvit.errors import ConfigError
+    from sepvit.models.names import create_model_at_size, default_input_size
+
+    if _is_checkpoint(args.model):
+        from sepvit.train.inference import load_model
+
+        if args.img_size is not None:
+            raise ConfigError(
+                "a checkpoint exports at the input size it was trained for; --dynamic-size serves others"
+            )
+        model, info = load_model(args.model)
+        checkpoint_info = {
+            key: info[key] for key in ("model", "model_kwargs", "classes", "data", "data_config")
+        }
+        return model, info["model"], tuple(info["data_config"]["input_size"]), checkpoint_info
+    if args.int8:
+        raise ConfigError("--int8 needs a trained checkpoint (its accuracy is what the gate measures)")
+    img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
+    channels, height, width = default_input_size(args.model)
+    if img_size:
+        height, width = img_size
+    return create_model_at_size(args.model, img_size), args.model, (channels, height, width), None
+
+
+def _quantize(args: argparse.Namespace, float_path: Path, output: Path, info: dict) -> dict[str, Any]:
+    """Quantise ``float_path`` to ``output`` behind the gate; print and return what was measured."""
+    from sepvit.errors import ConfigError
+    from sepvit.export.calibration import calibration_and_held_out, image_batches, onnx_top1
+    from sepvit.export.quantize import quantize_int8
+
+    data = args.calibration or info.get("data")
+    if not data:
+        raise ConfigError("pass --calibration (digits or a folder): the checkpoint does not name its data")
+    data_config = info["data_config"]
+    calibration, held_out = calibration_and_held_out(
+        data, data_config, info["classes"], args.calibration_images
+    )
+    result = quantize_int8(
+        float_path,
+        output,
+        lambda: image_batches(calibration, data_config),
+        lambda path: onnx_top1(path, held_out, data_config),
+        args.max_drop,
+    )
+    kept = f", {len(result.kept_in_float)} sensitive nodes kept in float" if result.kept_in_float else ""
+    print(f"  int8: top-1 {result.float_top1:.2f}% fp32 -> {result.int8_top1:.2f}% int8 "
+          f"(drop {result.drop:.2f}, max {args.max_drop:g}) on {len(held_out.items)} held-out {data} "
+          f"images, calibrated on {len(calibration.items)}{kept}")  # fmt: skip
+    int8 = ", ".join(f"{op} {n}" for op, n in result.int8_kernels.items()) or "none"
+    products = ", ".join(f"{op} {n}" for op, n in result.float_products.items()) or "none"
+    print(f"  int8 kernels (ONNX Runtime's optimised graph): {int8}; float products: {products}; "
+          f"CPU VNNI: {'yes' if result.vnni else 'no'}")  # fmt: skip
+    return {
+        "data": data,
+        "calibration_images": len(calibration.items),
+        "held_out_images": len(held_out.items),
+        "float_top1": result.float_top1,
+        "int8_top1": result.int8_top1,
+        "first_attempt_top1": result.first_attempt_top1,
+        "max_drop": args.max_drop,
+        "kept_in_float": list(result.kept_in_float),
+        "int8_kernels": result.int8_kernels,
+        "float_products": result.float_products,
+        "vnni": result.vnni,
+    }

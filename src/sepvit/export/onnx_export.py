@@ -1,16 +1,23 @@
 """ONNX export with verification: ``torch.export`` → ONNX, ``onnx.checker``, ONNX Runtime vs PyTorch.
 
 The batch axis is always dynamic. Height and width are dynamic on request (``dynamic_size=True``):
-the graph is traced with symbolic sizes, but a model whose graph depends on the input size (window
-grids and padding decided per size, fixed position tables) gives a graph that is only right at the
-traced size; the ONNX Runtime comparison at a second resolution catches that, and such a model is
-exported once per working size instead. Failures are re-raised as :class:`ExportError` naming the
-operator and the module.
+the graph is traced with symbolic sizes. PyTorch specialises a traced size of 0 or 1, so a trace at
+a size where some feature map is 1×1 (or a window grid a single window) is only valid near that
+size; torch.export says so in the range it allows for height and width, and the trace is redone at
+twice the size until that range is open-ended. A model whose graph truly depends on the input size
+(fixed position tables) fails the ONNX Runtime comparison at the other check sizes and is exported
+once per working size instead. The file appears at its path only once ``onnx.checker`` and the
+ONNX Runtime comparison have passed; failures are :class:`ExportError` naming the operator and
+module, or the input size ONNX Runtime could not run.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import logging
+import math
 import os
 import re
 import tempfile
@@ -24,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sepvit.engine.onnx_runtime import METADATA_KEY, onnxruntime_session
 from sepvit.errors import ExportError
 from sepvit.layers import prepare_for
 from sepvit.utils.extras import require
@@ -67,6 +75,8 @@ class ExportedModel:
     input_shape: tuple[int | str, ...]  # ints for fixed axes, names for dynamic ones
     fp16: bool
     opset: int
+    traced_size: tuple[int, int] | None = None  # (H, W) of the traced example
+    comparisons: tuple[Comparison, ...] = ()  # ONNX Runtime vs PyTorch, checked before writing
 
     @property
     def dynamic_size(self) -> bool:
@@ -157,6 +167,71 @@ def _failing_node(program: torch.export.ExportedProgram, error: BaseException) -
     return f"operator {target}"
 
 
+MAX_TRACE_DOUBLINGS = 4
+# Constant subgraphs up to this many values are folded into initializers. The exporter's own pass
+# stops at 8192 input values, which leaves the q/k/v weights that the export form slices out of a
+# qkv parameter as Slice outputs: ONNX Runtime folds them when it loads the graph, but its
+# quantiser needs every weight to be an initializer already.
+FOLD_LIMIT = 2**24
+
+
+def check_shapes_for(
+    input_shape: tuple[int, int, int], dynamic_size: bool, batch_sizes: Sequence[int] = (1, 3)
+) -> list[tuple[int, int, int, int]]:
+    """Inputs an export is compared on: each batch size at the export size and, for a dynamic-size
+    export, other sizes too: double, a non-square one and (from 32 pixels up) a smaller one, none of
+    them multiples of the export size, so that windows overhang and grids change."""
+    channels, height, width = input_shape
+    shapes = [(batch, channels, height, width) for batch in batch_sizes]
+    if dynamic_size:
+        sizes = [(2 * height, 2 * width), (height + height // 2 + 3, width + width // 3 + 5)]
+        if min(height, width) >= 32:
+            sizes.append((height // 2 + 1, width // 2 + 3))
+        shapes += [(batch_sizes[0], channels, h, w) for h, w in sizes]
+    return shapes
+
+
+def _size_range_is_open(program: torch.export.ExportedProgram) -> bool:
+    """Whether the guards of ``program`` leave height and width of its input unbounded above."""
+    placeholder = [node for node in program.graph.nodes if node.op == "placeholder"][-1]
+    for size in placeholder.meta["val"].shape[2:]:
+        if not isinstance(size, torch.SymInt):
+            return False  # specialised to the traced size
+        bounds = program.range_constraints.get(size.node.expr)
+        if bounds is None or float(bounds.upper) != math.inf:
+            return False
+    return True
+
+
+def _trace(
+    model: nn.Module, example: torch.Tensor, dynamic_size: bool, name: str
+) -> tuple[torch.export.ExportedProgram, torch.Tensor]:
+    """``torch.export`` of ``model``; for a dynamic size, at the first of the example's size and its
+    doublings whose trace holds for every larger size (PyTorch specialises dimensions of size 1)."""
+    from torch.export import Dim
+
+    axes = {0: Dim("batch", min=1, max=4096)}
+    if dynamic_size:
+        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    for doubling in range(MAX_TRACE_DOUBLINGS + 1 if dynamic_size else 1):
+        scale = 2**doubling
+        traced = torch.randn(
+            *example.shape[:2], *(scale * size for size in example.shape[2:]), dtype=example.dtype
+        )
+        try:
+            program = torch.export.export(model, (traced,), dynamic_shapes=(axes,), strict=False)
+        except Exception as error:
+            raise ExportError(
+                f"{name}: torch.export failed at {_user_frame(error)}: {_first_line(error)}"
+            ) from error
+        if not dynamic_size or _size_range_is_open(program):
+            return program, traced
+    raise ExportError(
+        f"{name}: torch.export specialises height and width at every traced size up to "
+        f"{tuple(traced.shape[2:])}; export it per size (without --dynamic-size)"
+    )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -167,77 +242,80 @@ def export_onnx(
     opset: int = 18,
     example_batch: int = 2,
     name: str | None = None,
+    check_shapes: Sequence[tuple[int, ...]] | None = None,
+    tolerance: float | None = None,
+    metadata: dict | None = None,
 ) -> ExportedModel:
-    """Export ``model`` (eval mode) to ONNX at ``path`` and run ``onnx.checker`` on the result.
+    """Export ``model`` (eval mode) to ONNX at ``path``, check it, and only then write it.
 
     The batch axis is dynamic (traced with ``example_batch`` > 1 so it is not specialised); height
-    and width too when ``dynamic_size``. ``fp16`` exports a half-precision copy. The file is written
-    atomically. Raises :class:`ExportError` naming the failing operator or module, and
-    :class:`~sepvit.errors.MissingExtraError` without the ``export`` extra.
+    and width too when ``dynamic_size``. ``fp16`` exports a half-precision copy. Before the file
+    appears at ``path`` (atomically), ``onnx.checker`` and ONNX Runtime check the graph: ONNX Runtime
+    against ``model`` in PyTorch on ``check_shapes`` (default :func:`check_shapes_for`; ``()`` skips
+    it) within ``tolerance`` (default :func:`default_tolerance`). ``metadata`` (JSON-serialisable) is
+    stored in the file for ``sepvit eval``/``predict``. Raises :class:`ExportError` naming the failing
+    operator, module or input (:class:`ExportMismatchError` above the tolerance), and
+    :class:`~sepvit.errors.MissingExtraError` without the ``export`` extra; nothing is written then.
     """
-    from torch.export import Dim
-
     onnx = require("onnx", "export")
     require("onnxscript", "export")  # torch.onnx's exporter translates with it
 
     name = name or type(model).__name__
     path = Path(path)
+    reference = model.eval()
     # The copy's layers take the forms ONNX Runtime fuses; a fixed-size export lets size-dependent
     # code (window padding and masks) drop what that size does not need.
-    model = prepare_for(copy.deepcopy(model).eval(), "export", dynamic_size=dynamic_size)
+    prepared = prepare_for(copy.deepcopy(model).eval(), "export", dynamic_size=dynamic_size)
     dtype = torch.float16 if fp16 else torch.float32
-    model = model.to(dtype)
+    prepared = prepared.to(dtype)
     example = torch.randn(example_batch, *input_shape, dtype=dtype)
-    axes = {0: Dim("batch", min=1, max=4096)}
-    if dynamic_size:
-        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
-    try:
-        program = torch.export.export(model, (example,), dynamic_shapes=(axes,), strict=False)
-    except Exception as error:
-        raise ExportError(
-            f"{name}: torch.export failed at {_user_frame(error)}: {_first_line(error)}"
-        ) from error
+    program, example = _trace(prepared, example, dynamic_size, name)
+    optimizer = require("onnxscript.optimizer", "export")
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)  # it warns of every LayerNormalization it leaves alone
     try:
         onnx_program = torch.onnx.export(
             program, (example,), dynamo=True, opset_version=opset, input_names=["input"],
             output_names=["output"], verbose=False, optimize=True,
         )  # fmt: skip
+        onnx_program.model = optimizer.optimize(
+            onnx_program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT
+        )
     except Exception as error:
         raise ExportError(
             f"{name}: ONNX translation failed on {_failing_node(program, error)}: {_first_line(error)}"
         ) from error
+    finally:
+        folding_log.setLevel(level)
+    if check_shapes is None:
+        check_shapes = check_shapes_for(input_shape, dynamic_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         onnx_program.save(tmp_name, external_data=False)
+        proto = onnx.load(tmp_name, load_external_data=False)
+        if metadata is not None:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+            onnx.save(proto, tmp_name)
         onnx.checker.check_model(tmp_name, full_check=True)
+        graph_input = proto.graph.input[0]
+        shape = tuple(dim.dim_param or dim.dim_value for dim in graph_input.type.tensor_type.shape.dim)
+        exported = ExportedModel(
+            Path(tmp_name), graph_input.name, shape, fp16, opset, tuple(example.shape[2:])
+        )  # fmt: skip
+        comparisons = compare_outputs(reference, exported, check_shapes, tolerance) if check_shapes else []
         os.replace(tmp_name, path)
     except onnx.checker.ValidationError as error:
         raise ExportError(f"{name}: onnx.checker rejected the graph: {_first_line(error)}") from error
+    except ExportError as error:
+        raise type(error)(f"{name}: {error}; nothing written to {path}") from error
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    graph_input = onnx.load(path, load_external_data=False).graph.input[0]
-    shape = tuple(
-        dim.dim_param or dim.dim_value for dim in graph_input.type.tensor_type.shape.dim
-    )  # fmt: skip
-    return ExportedModel(path, graph_input.name, shape, fp16, opset)
-
-
-def onnxruntime_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
-    """An ONNX Runtime session on the CPU, or with the CUDA provider first for ``device="cuda"``."""
-    ort = require("onnxruntime", "export")
-    providers = ["CPUExecutionProvider"]
-    if str(device).startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ExportError("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return dataclasses.replace(exported, path=path, comparisons=tuple(comparisons))
 
 
 def default_tolerance(fp16: bool) -> float:
@@ -266,14 +344,18 @@ def compare_outputs(
     results = []
     for shape in input_shapes:
         inputs = torch.randn(*shape, generator=generator)
-        reference = model(inputs).float().numpy()
+        try:
+            reference = model(inputs).float().numpy()
+        except Exception as error:  # a size the model itself cannot take is no test of the graph
+            message = f"PyTorch itself fails on input {tuple(shape)}: {_first_line(error)}"
+            raise ExportError(message) from error
         feed = inputs.numpy().astype(np.float16 if exported.fp16 else np.float32)
         try:
             output = session.run(None, {exported.input_name: feed})[0].astype(np.float32)
         except Exception as error:
             raise ExportError(
-                f"ONNX Runtime failed on input {tuple(shape)} of {exported.path.name} "
-                f"(graph input {exported.input_shape}): {_first_line(error)}"
+                f"ONNX Runtime failed on input {tuple(shape)} (graph input {exported.input_shape}): "
+                f"{_first_line(error)}"
             ) from error
         if output.shape != reference.shape:
             raise ExportMismatchError(

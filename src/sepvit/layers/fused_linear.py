@@ -17,7 +17,9 @@ other forms are subclasses with the same parameters (state dicts never change) a
 * ``"export"``: :class:`ExportLinear`, :class:`ExportMlp`, :class:`ExportGelu` and
   :class:`ExportScaledDotProductAttention` are written in the forms ONNX Runtime fuses: a linear on
   a 2-D view is one ``Gemm`` with the bias inside (on more dimensions it is ``MatMul`` then ``Add``),
-  queries, keys and values are separate products (no split of one wide output), GELU is written in
+  queries, keys and values are separate products (no split of one wide output) of weights sliced
+  from the qkv parameter, which :func:`sepvit.export.export_onnx` folds into initializers of their
+  own (constant weights, as ONNX Runtime's int8 quantiser needs them), GELU is written in
   the operand order its Gelu fusion matches (the opset-18 exporter's own decomposition leaves five
   elementwise nodes), and attention is ``softmax(q kᵀ / √d) v``, whose key transpose ONNX Runtime
   folds into its ``FusedMatMul``.
@@ -153,7 +155,7 @@ class ExportLinear(Linear):
         width = self.out_features // parts
         projected = []
         for start in range(0, self.out_features, width):
-            rows = slice(start, start + width)  # a slice, not chunk(): the exporter folds it into a weight
+            rows = slice(start, start + width)  # a slice, not chunk(): export_onnx folds it into a weight
             bias = None if self.bias is None else self.bias[rows]
             projected.append(F.linear(flat, self.weight[rows], bias).view(*x.shape[:-1], width))
         return projected

@@ -64,11 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     evaluate = subparsers.add_parser(
         "eval",
-        help="top-1/top-5 and loss of a checkpoint on digits or a folder's val/ images",
+        help="top-1/top-5 and loss of a checkpoint (or its ONNX export) on digits or a folder's val/ images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Evaluate a checkpoint written by `sepvit train` (or a plain state dict with --model).",
+        description="Evaluate a checkpoint written by `sepvit train` (or a plain state dict with --model), "
+        "or an ONNX file `sepvit export` wrote from one (fp32, fp16 or int8; ONNX Runtime on the CPU).",
     )
-    evaluate.add_argument("checkpoint", help="best.safetensors or last.safetensors of a run")
+    evaluate.add_argument(
+        "checkpoint", help="best.safetensors or last.safetensors of a run, or an .onnx file exported from one"
+    )
     evaluate.add_argument(
         "--data",
         default=None,
@@ -97,7 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Classify image files with a checkpoint; prints one line per image (or JSON).",
     )
-    predict.add_argument("checkpoint", help="best.safetensors or last.safetensors of a run")
+    predict.add_argument(
+        "checkpoint", help="best.safetensors or last.safetensors of a run, or an .onnx file exported from one"
+    )
     predict.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     predict.add_argument("--top-k", type=_positive, default=5, help="classes to show per image")
     _add_plain_state_dict_options(predict)

@@ -1,4 +1,9 @@
-"""``sepvit eval`` and ``sepvit predict``: a checkpoint's accuracy on a dataset, and its predictions."""
+"""``sepvit eval`` and ``sepvit predict``: a checkpoint's accuracy on a dataset, and its predictions.
+
+An ONNX file written by ``sepvit export`` from a checkpoint (fp32, fp16 or int8) stands in for the
+checkpoint: its metadata names the classes, data and preprocessing, and ONNX Runtime computes the
+logits, so an export is measured with the same data, transform and metric as its model.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from torch import nn
 from sepvit.data_io import open_image
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.distributed import single_process
+from sepvit.engine.onnx_runtime import OnnxClassifier
 from sepvit.engine.optim import amp_dtype
 from sepvit.engine.reporting import log, pyplot, save_figure
 from sepvit.errors import CheckpointError, ConfigError
@@ -47,7 +53,12 @@ def load_model(
     classes: list[str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model a checkpoint describes, with its weights; ``model_name`` loads a plain state dict
-    (whose class names are ``classes`` when given, else 0..N-1)."""
+    (whose class names are ``classes`` when given, else 0..N-1). An ``.onnx`` file gives an
+    :class:`~sepvit.engine.onnx_runtime.OnnxClassifier` and the metadata ``sepvit export`` stored."""
+    if Path(path).suffix.lower() == ".onnx":
+        return load_onnx_model(
+            path, model_name is not None or num_classes is not None or img_size is not None
+        )
     if model_name is None:
         state_dict, info = ckpt.read_checkpoint(path, "classify")
     else:
@@ -80,6 +91,23 @@ def load_model(
     return model.eval(), info
 
 
+def load_onnx_model(path: str, plain_options: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """An ONNX classifier exported from a checkpoint, and that checkpoint's information."""
+    from sepvit.engine.onnx_runtime import read_metadata
+
+    if plain_options:
+        raise ConfigError("--model, --num-classes and --img-size are for plain state dicts, not ONNX files")
+    if not Path(path).is_file():
+        raise CheckpointError(f"ONNX file {path} does not exist")
+    info = read_metadata(path)
+    if info is None or not {"classes", "data_config"} <= info.keys():
+        raise CheckpointError(
+            f"{path} does not say what it classifies (no sepvit metadata): export it from a checkpoint, "
+            "sepvit export RUN/best.safetensors"
+        )
+    return OnnxClassifier(path), info
+
+
 def run_eval(
     path: str,
     data: str | None,
@@ -102,6 +130,8 @@ def run_eval(
         _, val_set = load_classification_data(data, None, img_size or default_img_size(model_name))
     classes = list(val_set.classes) if val_set else None
     model, info = load_model(path, model_name, num_classes, img_size, classes)
+    if isinstance(model, OnnxClassifier) and amp != "none":
+        raise ConfigError("--amp applies to checkpoints: an ONNX graph computes in its own precision")
     data = data or info.get("data")
     if not data:
         raise ConfigError("pass --data (digits or a folder): the checkpoint does not name its data")

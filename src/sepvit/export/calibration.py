@@ -1,0 +1,59 @@
+"""Images for int8 quantisation: calibration batches from a dataset's training images, and top-1 of
+an ONNX file on its held-out (validation) images, with the transform and metric of ``sepvit eval``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from sepvit.errors import ConfigError
+from sepvit.train.data import ClassificationImages, ImageSet, eval_transform, load_image_sets
+
+CALIBRATION_SEED = 0
+
+
+def calibration_and_held_out(
+    data: str, data_config: dict[str, Any], classes: list[str], count: int
+) -> tuple[ImageSet, ImageSet]:
+    """``count`` training images of ``data`` drawn at random (fixed seed, every class likely present)
+    for calibration, and its validation images to measure top-1 on."""
+    if count < 1:
+        raise ConfigError(f"--calibration-images must be at least 1, not {count}")
+    train, held_out = load_image_sets(data, data_config["input_size"][-1])
+    if held_out.classes != classes:
+        raise ConfigError(
+            f"the classes of {data} ({len(held_out.classes)}) differ from the model's ({len(classes)}): "
+            f"{held_out.classes[:10]} vs {classes[:10]}"
+        )
+    chosen = np.random.default_rng(CALIBRATION_SEED).permutation(len(train.items))[:count]
+    subset = ImageSet(
+        train.classes, [train.items[i] for i in chosen], [train.labels[i] for i in chosen], train.skipped
+    )
+    return subset, held_out
+
+
+def image_batches(
+    image_set: ImageSet, data_config: dict[str, Any], batch_size: int = 32
+) -> Iterator[np.ndarray]:
+    """The images of ``image_set`` through the evaluation transform, as float32 (N, C, H, W) arrays."""
+    images = ClassificationImages(image_set, eval_transform(data_config))
+    for start in range(0, len(images), batch_size):
+        batch = [images[index][0] for index in range(start, min(start + batch_size, len(images)))]
+        yield torch.stack(batch).numpy()
+
+
+def onnx_top1(path: str | os.PathLike, image_set: ImageSet, data_config: dict[str, Any]) -> float:
+    """Top-1 (%) of the ONNX classifier at ``path`` on ``image_set``, as ``sepvit eval`` measures it."""
+    from sepvit.engine.distributed import single_process
+    from sepvit.engine.onnx_runtime import OnnxClassifier
+    from sepvit.train.task import classification_loader, evaluate
+
+    context = single_process("cpu")
+    loader = classification_loader(
+        ClassificationImages(image_set, eval_transform(data_config)), 64, 0, context
+    )
+    return evaluate(OnnxClassifier(path), loader, context)["top1"]
