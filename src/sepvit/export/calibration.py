@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sepvit.errors import ConfigError
-from sepvit.train.data import ClassificationImages, ImageSet, eval_transform, load_image_sets
+from sepvit.train.data import ClassificationImages, ImageSet, check_classes, eval_transform, load_image_sets
 
 CALIBRATION_SEED = 0
 
@@ -24,11 +24,7 @@ def calibration_and_held_out(
     if count < 1:
         raise ConfigError(f"--calibration-images must be at least 1, not {count}")
     train, held_out = load_image_sets(data, data_config["input_size"][-1])
-    if held_out.classes != classes:
-        raise ConfigError(
-            f"the classes of {data} ({len(held_out.classes)}) differ from the model's ({len(classes)}): "
-            f"{held_out.classes[:10]} vs {classes[:10]}"
-        )
+    check_classes(data, held_out.classes, classes, "model's")
     chosen = np.random.default_rng(CALIBRATION_SEED).permutation(len(train.items))[:count]
     subset = ImageSet(
         train.classes, [train.items[i] for i in chosen], [train.labels[i] for i in chosen], train.skipped

@@ -389,6 +389,15 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
+def check_classes(data: str, found: Sequence[str], expected: Sequence[str], whose: str) -> None:
+    """Refuse data whose classes are not the model's (``whose``: "checkpoint's", "model's")."""
+    if list(found) != list(expected):
+        raise ConfigError(
+            f"the classes of {data} ({len(found)}) differ from the {whose} ({len(expected)}): "
+            f"{list(found)[:10]} vs {list(expected)[:10]}"
+        )
+
+
 def describe(image_set: ImageSet | ShardSet, name: str) -> str:
     """One line such as ``train: 1437 images, 10 classes`` plus skipped files, if any."""
     if isinstance(image_set, ShardSet):

@@ -22,7 +22,13 @@ from sepvit.engine.onnx_runtime import OnnxClassifier
 from sepvit.engine.optim import amp_dtype
 from sepvit.engine.reporting import log, pyplot, save_figure
 from sepvit.errors import CheckpointError, ConfigError
-from sepvit.train.data import describe, eval_transform, evaluation_images, load_classification_data
+from sepvit.train.data import (
+    check_classes,
+    describe,
+    eval_transform,
+    evaluation_images,
+    load_classification_data,
+)
 from sepvit.train.models import create_model, data_config_for, default_img_size
 from sepvit.train.task import classification_loader, evaluate
 
@@ -139,11 +145,7 @@ def run_eval(
     data_config = info["data_config"]
     if val_set is None:
         _, val_set = load_classification_data(data, None, data_config["input_size"][-1])
-    if list(val_set.classes) != info["classes"]:
-        raise ConfigError(
-            f"the classes of {data} ({len(val_set.classes)}) differ from the checkpoint's "
-            f"({len(info['classes'])}): {val_set.classes[:10]} vs {info['classes'][:10]}"
-        )
+    check_classes(data, val_set.classes, info["classes"], "checkpoint's")
     if not quiet:
         log(describe(val_set, "val"))
     loader = classification_loader(
