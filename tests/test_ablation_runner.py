@@ -175,5 +175,53 @@ def test_runs_folder_that_cannot_be_written_is_one_line_error(tmp_path, capsys):
     args = ["ablate", "--protocol", "smoke", "--runs", str(blocker), "--results", str(tmp_path / "r.json")]
     assert main([*args, "--claims", str(tmp_path / "claims.md")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "cannot write the pair-sum task images" in error[0]
+    assert len(error) == 1 and "cannot write" in error[0] and "runs/data" in error[0]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_shards_side_by_side_record_every_run_once(tmp_path):
+    """Two processes' worth of shards, run concurrently, merge every record into one file."""
+    import threading
+    import time
+
+    def train(protocol, task, variant, seed, runs_dir, device):
+        time.sleep(0.01)  # let the shards' writes interleave
+        return 0, fake_record(task, variant, seed, 50.0 + seed)
+
+    results = tmp_path / "results.json"
+    shards = [
+        threading.Thread(
+            target=run_study,
+            args=(PROTOCOLS["reduced"], results, tmp_path),
+            kwargs={"seeds": (0, 1), "train": train, "shard": (k, 3)},
+        )
+        for k in range(3)
+    ]
+    for shard in shards:
+        shard.start()
+    for shard in shards:
+        shard.join()
+    plan = PROTOCOLS["reduced"].plan(seeds=(0, 1))
+    recorded = [(r["task"], r["variant"], r["seed"]) for r in read_results(results)]
+    assert sorted(recorded) == sorted(plan)
+
+    def must_not_train(*args):
+        raise AssertionError("a recorded run was trained again")
+
+    again = run_study(
+        PROTOCOLS["reduced"], results, tmp_path, seeds=(0, 1), train=must_not_train, shard=(1, 3)
+    )
+    assert again.ran == 0 and again.skipped == len(plan[1::3])
+
+
+def test_jobs_run_the_study_in_worker_processes_and_report_once(tmp_path, capsys):
+    results, claims = tmp_path / "results.json", tmp_path / "claims.md"
+    args = ["ablate", "--protocol", "smoke", "--tasks", "single", "--variants", "sepvit", "local"]
+    args += ["--runs", str(tmp_path / "runs"), "--results", str(results), "--claims", str(claims)]
+    assert main([*args, "--jobs", "2"]) == 0
+    recorded = {(r["variant"], r["seed"]) for r in read_results(results)}
+    assert recorded == {("sepvit", 0), ("local", 0)}
+    assert "`sepvit` vs `local`, single" in claims.read_text()
+    capsys.readouterr()
+    assert main([*args, "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err

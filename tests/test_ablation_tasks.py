@@ -1,4 +1,4 @@
-"""The ablation tasks: deterministic, the pair-sum label needs two far-apart windows, splits disjoint."""
+"""The ablation tasks: deterministic, the pair-sum label needs two windows apart, splits disjoint."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from PIL import Image
 
 from sepvit.ablation.tasks import TaskSpec, digit_pools, generate_split, write_image_folder
 
-WINDOW_PIXELS = 16  # a first-stage window of a 128-px model: 4×4 tokens of stride 4
+# Window sides in pixels of a 64-px model (stride-4 tokens, 2×2 windows) in stages 1, 2 and 3.
+STAGE_WINDOW_PIXELS = (8, 16, 32)
 
 
 def test_same_spec_gives_same_data_and_seeds_differ() -> None:
@@ -20,23 +21,54 @@ def test_same_spec_gives_same_data_and_seeds_differ() -> None:
     assert not np.array_equal(first.images, other.images)
 
 
-def test_pair_sum_label_is_the_sum_of_two_digits_in_different_windows() -> None:
-    data = generate_split(TaskSpec(), "train", 300)
-    np.testing.assert_array_equal(data.labels, data.digits.sum(axis=1) % 10)
-    first, second = data.centres[:, 0], data.centres[:, 1]
-    assert (np.hypot(*(first - second).T) >= 64).all()
-    assert ((first // WINDOW_PIXELS) != (second // WINDOW_PIXELS)).any(axis=1).all()
-    # Neither digit alone decides the label: for each value of one digit, the labels spread widely.
+def windows_touched(corner: np.ndarray, size: int, window: int) -> set[tuple[int, int]]:
+    """The (row, col) windows of side ``window`` that a ``size``-px square at ``corner`` overlaps."""
+    rows = range(corner[0] // window, (corner[0] + size - 1) // window + 1)
+    cols = range(corner[1] // window, (corner[1] + size - 1) // window + 1)
+    return {(r, c) for r in rows for c in cols}
+
+
+def test_pair_sum_label_is_the_sum_of_two_digits_that_share_no_window_before_the_last_stage() -> None:
+    spec = TaskSpec()
+    data = generate_split(spec, "val", 1500)
+    assert spec.num_classes == 19 and (data.digits >= 0).all()  # every evaluation canvas holds a pair
+    np.testing.assert_array_equal(data.labels, data.digits.sum(axis=1))
+    corners = data.centres - spec.digit_size // 2
+    for first, second in zip(corners[:, 0], corners[:, 1]):
+        for window in STAGE_WINDOW_PIXELS:
+            assert not windows_touched(first, spec.digit_size, window) & windows_touched(
+                second, spec.digit_size, window
+            )
+    # One digit alone gives at best one chance in ten: for each value of either digit the labels
+    # spread over ten sums, the most frequent well under a quarter.
     for slot in (0, 1):
         for digit in range(10):
             labels = data.labels[data.digits[:, slot] == digit]
-            assert len(set(labels.tolist())) >= min(len(labels), 6)
+            assert len(set(labels.tolist())) == 10
+            assert np.bincount(labels).max() < len(labels) / 4
+    # The digits move: both halves see many places.
+    assert len({tuple(c) for c in corners[:, 0]}) > 50 and len({tuple(c) for c in corners[:, 1]}) > 50
 
 
-def test_single_task_label_is_its_one_digit() -> None:
-    data = generate_split(TaskSpec(task="single"), "val", 50)
+def test_pair_sum_training_canvases_hold_one_digit_in_the_given_share() -> None:
+    data = generate_split(TaskSpec(single_share=0.25), "train", 800)
+    one = data.digits[:, 1] == -1
+    assert 0.2 < one.mean() < 0.3
+    np.testing.assert_array_equal(data.labels[one], data.digits[one, 0])  # the sum of one digit
+    np.testing.assert_array_equal(data.labels[~one], data.digits[~one].sum(axis=1))
+    assert (generate_split(TaskSpec(single_share=0.0), "train", 100).digits >= 0).all()
+    with pytest.raises(ValueError, match="single_share"):
+        TaskSpec(single_share=1.0)
+
+
+def test_single_task_label_is_its_one_digit_in_either_half() -> None:
+    spec = TaskSpec(task="single")
+    data = generate_split(spec, "val", 60)
+    assert spec.num_classes == 10
     np.testing.assert_array_equal(data.labels, data.digits[:, 0])
     assert (data.digits[:, 1] == -1).all()
+    left = data.centres[:, 0, 1] < spec.canvas // 2
+    assert 0 < left.sum() < len(left)
 
 
 def test_digits_are_drawn_where_the_centres_say() -> None:
@@ -60,15 +92,30 @@ def test_splits_use_disjoint_digit_images() -> None:
 def test_bad_spec_is_refused() -> None:
     with pytest.raises(ValueError, match="task must be"):
         TaskSpec(task="sum")
-    with pytest.raises(ValueError, match="apart"):
-        TaskSpec(canvas=40, min_distance=60)
+    with pytest.raises(ValueError, match="side by side"):
+        TaskSpec(canvas=40)
+    with pytest.raises(ValueError, match="off a"):
+        TaskSpec(jitter=30)
 
 
 def test_image_folder_layout(tmp_path) -> None:
-    root = write_image_folder(TaskSpec(), {"train": 12, "val": 4, "test": 4}, tmp_path / "task")
+    root = write_image_folder(
+        TaskSpec(task="single"), {"train": 12, "val": 10, "test": 10}, tmp_path / "task"
+    )
     files = sorted(root.glob("*/*/*.png"))
-    assert len(files) == 20
+    assert len(files) == 32
     assert not (tmp_path / ".task.partial").exists()
     with Image.open(files[0]) as image:
-        assert image.size == (128, 128)
+        assert image.size == (64, 64)
     assert {path.parent.parent.name for path in files} == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("task", ["pair-sum", "single"])
+def test_every_split_has_every_class_even_when_small(task) -> None:
+    spec = TaskSpec(task=task)
+    for split in ("train", "val", "test"):
+        data = generate_split(spec, split, spec.num_classes + 2)
+        assert set(data.labels.tolist()) == set(range(spec.num_classes))
+        np.testing.assert_array_equal(data.labels, data.digits.clip(min=0).sum(axis=1))
+    with pytest.raises(ValueError, match="at least 19 images"):
+        generate_split(TaskSpec(), "val", 10)

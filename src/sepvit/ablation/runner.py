@@ -6,24 +6,29 @@ initialisation: :func:`sepvit.explain.window_range`). It is
 rewritten atomically after every run, so a kill at any instant leaves it whole. A rerun skips the
 runs it records; a run that was interrupted continues from its last checkpoint through the engine's
 exact resume (its run folder under ``runs/``); a run killed before its first checkpoint starts over.
+
+Several processes may share one results file (``shard``: each trains every N-th run of the plan):
+every record is merged in under an exclusive lock on ``results.json.lock``, so none is lost.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sepvit.ablation.study import DATA_SEED, IMG_SIZE, NUM_CLASSES, VARIANTS, Protocol
-from sepvit.ablation.tasks import TaskSpec, write_image_folder
+from sepvit.ablation.study import VARIANTS, Protocol
+from sepvit.ablation.tasks import write_image_folder
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.files import make_folder, reason, write_text
 from sepvit.engine.reporting import log
@@ -73,12 +78,32 @@ def write_results(path: Path, records: list[dict[str, Any]]) -> None:
     write_text(path, json.dumps({"machine": machine, "records": ordered}, indent=2) + "\n")
 
 
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a file ``<name>.lock`` beside it) against other study processes."""
+    make_folder(path.parent, "study folder")
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def add_record(path: Path, record: dict[str, Any]) -> None:
+    """Merge ``record`` into the results file (another process may have added its own meanwhile)."""
+    with locked(path):
+        records = [r for r in read_results(path) if record_key(r) != record_key(record)]
+        write_results(path, [*records, record])
+
+
 def task_data(protocol: Protocol, task: str, runs_dir: Path) -> Path:
     """The task's image folder (train/val/test), generated once per protocol and reused."""
-    spec = TaskSpec(task=task, seed=DATA_SEED)
+    spec = protocol.task_spec(task)
     root = runs_dir / "data" / f"{task}-{protocol.name}"
     try:
-        return write_image_folder(spec, protocol.sizes, root)
+        with locked(root):  # one process writes the images, the others wait and reuse them
+            return write_image_folder(spec, protocol.sizes, root)
     except OSError as error:
         raise ConfigError(f"cannot write the {task} task images to {root}: {reason(error)}") from error
 
@@ -143,7 +168,9 @@ def train_one(
     test = evaluate(model, classification_loader(test_images, protocol.batch_size, 0, context), context)
     erf_images = torch.stack([test_images[i][0] for i in range(protocol.erf_images)]).to(context.device)
     seed_everything(seed)  # the engine seeds so before building: the run's own initial weights
-    init_model, _ = create_model(variant.factory, NUM_CLASSES, IMG_SIZE, None, False, architecture)
+    init_model, _ = create_model(
+        variant.factory, len(classify.classes), protocol.img_size, None, False, architecture
+    )
     speeds = [row["train_images_per_s"] for row in result.history if row.get("train_images_per_s")]
     record = {
         "protocol": protocol.name,
@@ -153,7 +180,7 @@ def train_one(
         "top1": test["top1"],
         "val_top1": result.best.get("value"),
         "params": count_params(model),
-        "gmacs": count_macs(model, (3, IMG_SIZE, IMG_SIZE)) / 1e9,
+        "gmacs": count_macs(model, (3, protocol.img_size, protocol.img_size)) / 1e9,
         "images_per_s": statistics.median(speeds) if speeds else None,
         "epochs": len(result.history),
         "seconds": sum(row["epoch_seconds"] for row in result.history),
@@ -172,10 +199,15 @@ def run_study(
     variants: tuple[str, ...] | None = None,
     seeds: tuple[int, ...] | None = None,
     train: Callable[..., tuple[int, dict[str, Any] | None]] = train_one,
+    shard: tuple[int, int] = (0, 1),
 ) -> StudyOutcome:
-    """Run every planned run that ``results_path`` does not record yet, recording each as it ends."""
-    plan = protocol.plan(tasks, variants, seeds)
-    records = read_results(results_path)
+    """Run every planned run that ``results_path`` does not record yet, recording each as it ends.
+
+    ``shard`` (k, n): only the runs k, k + n, k + 2n, ... of the plan, for n processes side by side."""
+    index, count = shard
+    plan = protocol.plan(tasks, variants, seeds)[index::count]
+    with locked(results_path):
+        records = read_results(results_path)
     done = {record_key(record) for record in records}
     todo = [run for run in plan if (protocol.name, *run) not in done]
     log(
@@ -189,8 +221,7 @@ def run_study(
         code, record = train(protocol, task, variant, seed, runs_dir, device)
         if record is None:
             return StudyOutcome(results_path, ran, len(plan) - len(todo), code or 1)
-        records.append(record)
-        write_results(results_path, records)
+        add_record(results_path, record)
         ran += 1
         log(
             f"[{index}/{len(todo)}] {task} {variant} seed {seed}: test top-1 {record['top1']:.2f}%, "

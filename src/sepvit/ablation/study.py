@@ -1,16 +1,18 @@
 """What the ablation study trains: the variants of the paper's Tables 5–7, two baselines, the protocols.
 
-Every model is built at a structurally faithful small scale: 128-px inputs, 4×4 windows (GSA 8×8),
-so the window grids of the four stages are 8×8, 4×4, 2×2 and 1×1, as in the paper's 224-px models
-with 7×7 windows; the blocks that are DSSA, GSA or single-window (global attention) are the same ones.
+Every model is built at a structurally faithful small scale: stride-4 patches and windows of a
+sixteenth of the input side (64-px inputs with 2×2 windows, GSA 4×4, in the reduced protocol; 128 px
+with 4×4 windows, GSA 8×8, in the full one), so the window grids of the four stages are 8×8, 4×4, 2×2
+and 1×1, as in the paper's 224-px models with 7×7 windows; the blocks that are DSSA, GSA or
+single-window (global attention) are the same ones.
 All variants share the protocol's width, depth and heads and one training recipe.
 
 Variants (``VARIANTS``): the paper's final SepViT (``sepvit``: plan ``D,D&G,D&G,D``, learnable window
 tokens), Table 5's steps (``dssa``: DSSA alone with zero window tokens; ``dssa-gsa``: with GSA, zero
 tokens), Table 6's window representations (``avgpool``, ``dwconv``), Table 7's other block plans
 (``plan-dddd``, ``plan-d-d-dg-d``, ``plan-d-gd-gd-d``, learnable tokens), the local-only baseline
-(``local``: attention inside each 4×4 window, nothing among windows) and a Swin-style baseline (``swin``:
-timm's SwinTransformer with 4×4 patches and 4×4 windows at the same width, depth and heads).
+(``local``: attention inside each window, nothing among windows) and a Swin-style baseline (``swin``:
+timm's SwinTransformer with 4×4 patches and the same windows, width, depth and heads).
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sepvit.ablation.tasks import TASKS
+from sepvit.ablation.tasks import TASKS, TaskSpec
 from sepvit.errors import ConfigError
 
-IMG_SIZE = 128
-WINDOW_SIZE = 4  # 128 px / stride 4 = 32-px maps: an 8×8 grid of 4×4 windows, as 56 / 7 at 224 px
 DATA_SEED = 0  # the task images are the same for every variant and seed
 NUM_CLASSES = 10
 SEPVIT_FACTORY = "sepvit_lite"  # widths, depths and heads are the protocol's
@@ -65,7 +65,7 @@ VARIANTS: dict[str, Variant] = {
             "local-only: attention inside windows, no PSA or GSA",
             {"block_plan": "D,D,D,D", "local_only": True},
         ),
-        Variant("swin", "Swin-style: timm SwinTransformer, shifted 4×4 windows", factory=SWIN_FACTORY),
+        Variant("swin", "Swin-style: timm SwinTransformer, shifted windows", factory=SWIN_FACTORY),
     )
 }
 
@@ -85,10 +85,25 @@ class Protocol:
     lr: float
     control_variants: tuple[str, ...] | None  # variants also trained on the single-digit task (None: all)
     erf_images: int  # test images the effective receptive field is averaged over
+    img_size: int = 64
+    window_size: int = 2  # 64 px / stride 4 = 16-px maps: an 8×8 grid of 2×2 windows, as 56 / 7 at 224 px
+    digit_scale: int = 3  # 24-px digits on 64 px: three eighths of the canvas
+
+    def task_spec(self, task: str) -> TaskSpec:
+        """The canvases of ``task`` at this protocol's size (digits 3/8 of the canvas wide, moved by up
+        to 1/8 of it; fragments of clutter in proportion to the area)."""
+        return TaskSpec(
+            task=task,
+            canvas=self.img_size,
+            scale=self.digit_scale,
+            clutter=6 * (self.img_size // 64) ** 2,
+            jitter=self.img_size // 8,
+            seed=DATA_SEED,
+        )
 
     def architecture(self, variant: Variant) -> dict[str, Any]:
         """The factory's keyword arguments for ``variant`` at this protocol's size."""
-        common = {"img_size": IMG_SIZE, "window_size": WINDOW_SIZE, "depths": self.depths}
+        common = {"img_size": self.img_size, "window_size": self.window_size, "depths": self.depths}
         if variant.factory == SWIN_FACTORY:
             return {**common, "embed_dim": self.embed_dims[0], "num_heads": self.num_heads}
         return {**common, "embed_dims": self.embed_dims, "num_heads": self.num_heads, **variant.options}
@@ -119,7 +134,7 @@ class Protocol:
             "model_ema": False,
             "tensorboard": False,
             "log_interval": 1000,
-            "img_size": IMG_SIZE,
+            "img_size": self.img_size,
         }
 
     def plan(
@@ -163,11 +178,11 @@ PROTOCOLS: dict[str, Protocol] = {
         control_variants=None,
         erf_images=2,
     ),
-    # About 2 hours on the 2-core CPU with one thread when nothing else runs (docs/ablations.md).
+    # About 1.5 hours on the 2-core CPU with two one-thread runs side by side (docs/ablations.md).
     "reduced": Protocol(
         name="reduced",
-        sizes={"train": 2000, "val": 250, "test": 500},
-        epochs=5,
+        sizes={"train": 4000, "val": 500, "test": 1000},
+        epochs=20,
         seeds=(0, 1, 2),
         embed_dims=(16, 32, 64, 128),
         depths=(1, 2, 6, 2),
@@ -177,7 +192,8 @@ PROTOCOLS: dict[str, Protocol] = {
         control_variants=REDUCED_CONTROL,
         erf_images=16,
     ),
-    # For a GPU (--device cuda): SepViT-Lite's width, more data and epochs, five seeds, every variant.
+    # For a GPU (--device cuda): 128 px with 4×4 windows (the issue's geometry), SepViT-Lite's width,
+    # more data and epochs, five seeds, every variant.
     "full": Protocol(
         name="full",
         sizes={"train": 10000, "val": 1000, "test": 2000},
@@ -190,5 +206,8 @@ PROTOCOLS: dict[str, Protocol] = {
         lr=2e-3,
         control_variants=None,
         erf_images=64,
+        img_size=128,
+        window_size=4,
+        digit_scale=6,
     ),
 }

@@ -1,21 +1,25 @@
 """Classification tasks for the ablation study, generated from scikit-learn's handwritten digits.
 
-``pair-sum``: two digits at random, far-apart places of a cluttered canvas; the label is their sum
-mod 10. Neither digit alone says anything about the label (for each digit, every label is equally
-likely over the other), so a model must bring together content of two regions that never share a
-first-stage window: the local-global interaction SepViT's PSA and GSA exist for.
+``pair-sum``: two digits, one in each half of a cluttered canvas; the label is their sum (0-18, 19
+classes). One digit alone gives at best one chance in ten of the label (every sum with it is equally
+likely), so a model must bring together two regions that share no window in stages 1-3 of the
+study's models: the local-global interaction SepViT's PSA and GSA exist for. The sum, unlike the sum
+mod 10, grows with each digit, so recognising either digit already lowers the loss: small models learn
+it in minutes, where the sum mod 10 (like any parity) gives no signal until both digits are known.
 
-``single``: the control. One digit on the same kind of canvas; the label is that digit. Every
-variant should do about equally well on it.
+``single``: the control. One digit in one of the two halves (chosen at random); the label is that
+digit. Every variant should do about equally well on it.
 
 Canvases are grayscale (dark ink on white, like the demo's digits). Digits are upsampled ``scale``
-times (8×8 -> 16×16 at the default, one first-stage window of a 128-px model with stride-4 patches
-and 4×4 windows). The clutter is fragments (2×2-pixel corners of other digits, upsampled alike) at
-half the ink, plus noise, so the real digits stay recognisable but a model must look for them.
+times (8×8 -> 24×24 at the default, three first-stage windows wide on a 64-px canvas with stride-4
+patches and 2×2 windows). Each digit sits in its half of the canvas, moved at random by up to
+``jitter`` pixels up or down and as far sideways as the half allows, never across the middle: so
+the two digits share no window until the last stage, whose single window is global. The clutter is
+fragments (2×2-pixel corners of other digits, upsampled alike) at half the ink, plus noise.
 
 The digit images are split first (test digits never appear in training canvases), then each split's
-canvases are drawn from a generator seeded by (seed, split): the same arguments give the same data
-on every machine.
+canvases are drawn from a generator seeded by (seed, split, task): the same arguments give the same
+data on every machine.
 """
 
 from __future__ import annotations
@@ -40,28 +44,40 @@ NOISE_STD = 0.05
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a task's canvases look like; the defaults give 128-px canvases of 16-px digits."""
+    """What a task's canvases look like; the defaults give 64-px canvases of 24-px digits."""
 
     task: TaskName = "pair-sum"
-    canvas: int = 128
-    scale: int = 2
-    clutter: int = 12
-    min_distance: float = 64.0  # between the two digits' centres, in pixels
+    canvas: int = 64
+    scale: int = 3
+    clutter: int = 6
+    jitter: int = 8  # largest move of a digit up or down from the middle row, in pixels
+    single_share: float = 1 / 3  # pair-sum training canvases that hold one digit (its sum is itself)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.clutter < 0 or self.scale < 1 or self.jitter < 0:
+            raise ValueError("clutter, scale and jitter must be non-negative (scale at least 1)")
+        if not 0 <= self.single_share < 1:
+            raise ValueError(f"single_share must lie in [0, 1), got {self.single_share}")
         if self.canvas < 2 * self.digit_size:
-            raise ValueError(f"canvas {self.canvas} px is too small for two {self.digit_size}-px digits")
-        if self.clutter < 0 or self.scale < 1 or self.min_distance < 0:
-            raise ValueError("clutter, scale and min_distance must be non-negative (scale at least 1)")
-        if self.min_distance > (self.canvas - self.digit_size) * 2**0.5:
-            raise ValueError(f"no two places of a {self.canvas}-px canvas are {self.min_distance} px apart")
+            raise ValueError(
+                f"canvas {self.canvas} px is too small for two {self.digit_size}-px digits side by side"
+            )
+        if self.jitter > (self.canvas - self.digit_size) // 2:
+            raise ValueError(
+                f"a jitter of {self.jitter} px moves {self.digit_size}-px digits "
+                f"off a {self.canvas}-px canvas"
+            )
 
     @property
     def digit_size(self) -> int:
         return DIGIT_PIXELS * self.scale
+
+    @property
+    def num_classes(self) -> int:
+        return 19 if self.task == "pair-sum" else 10
 
 
 @dataclass(frozen=True)
@@ -96,26 +112,33 @@ def _upsample(ink: np.ndarray, scale: int) -> np.ndarray:
     return np.kron(ink, np.ones((scale, scale), dtype=ink.dtype))
 
 
-def _place_digits(rng: np.random.Generator, spec: TaskSpec, count: int) -> np.ndarray:
-    """Top-left corners (count, 2) of ``count`` digits, pairwise at least ``min_distance`` apart."""
-    limit = spec.canvas - spec.digit_size + 1
-    while True:  # rejection sampling; __post_init__ guarantees that a valid placement exists
-        corners = rng.integers(0, limit, size=(count, 2))
-        if count < 2 or np.hypot(*(corners[0] - corners[1])) >= spec.min_distance:
-            return corners
+def _place_digit(rng: np.random.Generator, spec: TaskSpec, half: int) -> tuple[int, int]:
+    """Top-left corner of a digit in the left (``half`` 0) or right (1) half of the canvas."""
+    middle = (spec.canvas - spec.digit_size) // 2
+    top = middle + int(rng.integers(-spec.jitter, spec.jitter + 1))
+    left = half * spec.canvas // 2 + int(rng.integers(0, spec.canvas // 2 - spec.digit_size + 1))
+    return top, left
 
 
-def _label(task: TaskName, classes: np.ndarray) -> int:
-    return int(classes.sum() % 10) if task == "pair-sum" else int(classes[0])
+def _picks_for_label(rng: np.random.Generator, classes: np.ndarray, label: int, count: int) -> np.ndarray:
+    """Indices of ``count`` digit images whose classes sum to ``label`` (the first digit's class
+    drawn uniformly among those that allow it)."""
+    first = int(rng.integers(max(0, label - 9 * (count - 1)), min(9, label) + 1))
+    wanted = (first, label - first)[:count]
+    return np.array([rng.choice(np.flatnonzero(classes == digit)) for digit in wanted])
 
 
 def generate_split(spec: TaskSpec, split: str, size: int) -> TaskSplit:
-    """``size`` canvases of ``split`` ("train", "val" or "test"), deterministic in ``spec.seed``."""
+    """``size`` canvases of ``split`` ("train", "val" or "test"), deterministic in ``spec.seed``; the
+    first ``spec.num_classes`` canvases have labels 0, 1, ..., the rest are drawn freely."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if size < spec.num_classes:
+        raise ValueError(
+            f"a {split} split of {spec.task} needs at least {spec.num_classes} images, got {size}"
+        )
     ink, classes = digit_pools(spec.seed)[split]
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), TASKS.index(spec.task)])
-    num_digits = 2 if spec.task == "pair-sum" else 1
     fragment = 2 * spec.scale
     images = np.empty((size, spec.canvas, spec.canvas), dtype=np.uint8)
     labels = np.empty(size, dtype=np.int64)
@@ -130,13 +153,21 @@ def generate_split(spec: TaskSpec, split: str, size: int) -> TaskSplit:
             patch = source[row : row + fragment, col : col + fragment] * CLUTTER_INK
             region = canvas[top : top + fragment, left : left + fragment]
             np.maximum(region, patch, out=region)
-        picks = rng.integers(len(ink), size=num_digits)
-        for slot, ((top, left), pick) in enumerate(zip(_place_digits(rng, spec, num_digits), picks)):
+        one_digit = spec.task == "single" or (
+            split == "train" and n >= spec.num_classes and rng.random() < spec.single_share
+        )
+        halves = (int(rng.integers(2)),) if one_digit else (0, 1)
+        if n < spec.num_classes:  # every class at least once, so that every split has every class
+            picks = _picks_for_label(rng, classes, n, len(halves))
+        else:
+            picks = rng.integers(len(ink), size=len(halves))
+        for slot, (half, pick) in enumerate(zip(halves, picks)):
+            top, left = _place_digit(rng, spec, half)
             region = canvas[top : top + spec.digit_size, left : left + spec.digit_size]
             np.maximum(region, _upsample(ink[pick], spec.scale), out=region)
             centres[n, slot] = (top + spec.digit_size // 2, left + spec.digit_size // 2)
-        drawn[n, :num_digits] = classes[picks]
-        labels[n] = _label(spec.task, classes[picks])
+        drawn[n, : len(halves)] = classes[picks]
+        labels[n] = int(classes[picks].sum())
         canvas += rng.normal(0.0, NOISE_STD, size=canvas.shape).astype(np.float32)
         images[n] = np.round(255 * (1 - canvas.clip(0, 1))).astype(np.uint8)
     return TaskSplit(images, labels, drawn, centres)
@@ -157,7 +188,7 @@ def write_image_folder(spec: TaskSpec, sizes: dict[str, int], root: str | Path) 
     shutil.rmtree(partial, ignore_errors=True)
     for split, size in sizes.items():
         data = generate_split(spec, split, size)
-        for label in range(10):
+        for label in range(spec.num_classes):
             (partial / split / str(label)).mkdir(parents=True, exist_ok=True)
         for index, (image, label) in enumerate(zip(data.images, data.labels)):
             Image.fromarray(image, mode="L").save(partial / split / str(label) / f"{index:05d}.png")
