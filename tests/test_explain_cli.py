@@ -52,7 +52,11 @@ def test_overlays_and_receptive_field(tmp_path, images, capsys):
     ]  # fmt: skip
     for path in output.iterdir():
         with Image.open(path) as picture:
-            assert picture.format == "PNG" and picture.size == (64, 64)
+            # 64-px inputs are enlarged four times, pixels kept sharp (each 4×4 block one colour)
+            assert picture.format == "PNG" and picture.size == (256, 256)
+            if path.name.endswith("_gradcam.png"):  # (the PSA overlay's outline is drawn at full size)
+                pixels = np.asarray(picture.convert("RGB"))
+                assert (pixels == pixels[::4, ::4].repeat(4, 0).repeat(4, 1)).all()
     field = report["effective_receptive_field"]
     assert field["window_pixels"] == 16
     for when in ("trained", "initialisation"):

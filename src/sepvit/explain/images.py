@@ -25,6 +25,7 @@ from sepvit.explain.receptive_field import window_range
 from sepvit.explain.window_attention import attention_heat, psa_window_attention, strongest_window
 
 OUTLINE = (255, 255, 0)
+MIN_SIDE = 256  # smaller inputs are enlarged (by a whole factor, pixels kept sharp) to be seen
 
 
 @dataclass
@@ -40,8 +41,12 @@ def _save_png(path: Path, pixels: np.ndarray, outline: tuple[int, int, int, int]
     from PIL import Image, ImageDraw
 
     picture = Image.fromarray(pixels)
+    factor = max(1, MIN_SIDE // max(picture.size))
+    picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
     if outline is not None:
-        ImageDraw.Draw(picture).rectangle(outline, outline=OUTLINE, width=2)
+        left, top, right, bottom = outline
+        box = (left * factor, top * factor, (right + 1) * factor - 1, (bottom + 1) * factor - 1)
+        ImageDraw.Draw(picture).rectangle(box, outline=OUTLINE, width=2)
     write_atomically({path: lambda temp: picture.save(temp, format="PNG")})
     return path
 
