@@ -260,7 +260,7 @@ def write_report(
         "mean ± standard deviation over seeds on the generated tasks. A claim reproduces when our "
         "difference has the paper's sign and is at least two pooled standard deviations; a smaller one "
         "is reported as not resolved. ERF, the range of Figure 4 as a number: the share of the centre "
-        "unit's input-gradient mass after stage 1 or 3 outside a square two first-stage windows wide "
+        "unit's input-gradient mass after stage 1 or 3 outside a square three first-stage windows wide "
         "around the centre unit's window (`sepvit.explain.window_range`).",
         "",
         "## Claims",

@@ -5,7 +5,7 @@ For each image, ``<stem>_gradcam.png`` (Grad-CAM of the predicted class over the
 for models with PSA, ``<stem>_psa.png``: the attention among windows of the first block with PSA,
 from the window where Grad-CAM is strongest (outlined) to every window. The receptive field is
 :func:`sepvit.explain.window_range`, over the images given: the share of the centre unit's
-input-gradient mass after stages 1 and 3 outside a square two first-stage windows wide around the
+input-gradient mass after stages 1 and 3 outside a square three first-stage windows wide around the
 centre unit's window.
 """
 
@@ -21,7 +21,7 @@ import torch
 from sepvit.data_io import open_image
 from sepvit.engine.files import make_folder, write_atomically
 from sepvit.explain.gradcam import grad_cam, overlay
-from sepvit.explain.receptive_field import window_range
+from sepvit.explain.receptive_field import RANGE_WINDOWS, window_range
 from sepvit.explain.window_attention import attention_heat, psa_window_attention, strongest_window
 
 OUTLINE = (255, 255, 0)
@@ -107,7 +107,7 @@ def explain_images(
     torch.manual_seed(0)
     initial = model_of(info, checkpoint)
     fields = {
-        "window_pixels": 2 * (inputs.shape[-1] // 8),
+        "window_pixels": RANGE_WINDOWS * (inputs.shape[-1] // 8),
         "trained": window_range(model, inputs),
         "initialisation": window_range(initial.to(context.device), inputs),
     }

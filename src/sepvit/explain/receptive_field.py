@@ -7,11 +7,11 @@ one first-stage attention window) is the "range" of Figure 4 in the SepViT paper
 model that sees only the centre window, larger the more it gathers from the rest of the image.
 
 :func:`window_range` fixes the geometry for windowed models whose first stage has an 8×8 grid of
-windows (SepViT and Swin at any size, as at 224 px): the square is two first-stage windows wide,
+windows (SepViT and Swin at any size, as at 224 px): the square is three first-stage windows wide,
 centred on the window of the centre unit, so the reach of the convolutions around a window (patch
-merging, position encoding) stays inside it and what lies outside came through attention among
-windows; it is taken after the first stage (where only SepViT's PSA reaches other windows) and
-after the third.
+embedding, position encoding: up to 7 px beyond a window of 8 px at 64-px inputs) stays inside it
+and what lies outside came through attention among windows; it is taken after the first stage
+(where only SepViT's PSA reaches other windows) and after the third.
 """
 
 from __future__ import annotations
@@ -61,13 +61,14 @@ def effective_receptive_field(
 
 
 RANGE_STAGES = {"stage1": 0, "stage3": -2}
+RANGE_WINDOWS = 3  # the side of the square, in first-stage windows
 
 
 def window_range(model: nn.Module, images: Tensor) -> dict[str, float]:
-    """The effective receptive field after stages 1 and 3, outside a square two first-stage windows
-    wide (a quarter of the input side) centred on the centre unit's window (see the module doc)."""
+    """The effective receptive field after stages 1 and 3, outside a square three first-stage windows
+    wide (3/8 of the input side) centred on the centre unit's window (see the module doc)."""
     cell = images.shape[-1] // 8
     return {
-        name: effective_receptive_field(model, images, 2 * cell, stage, cell)
+        name: effective_receptive_field(model, images, RANGE_WINDOWS * cell, stage, cell)
         for name, stage in RANGE_STAGES.items()
     }
