@@ -49,6 +49,36 @@ def test_grad_cam_map_and_overlay() -> None:
     assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
 
 
+def reference_cam(model: torch.nn.Module, image: torch.Tensor, target: int) -> np.ndarray:
+    """Grad-CAM by its definition: ReLU of the last stage's channels weighted by their mean gradient,
+    bilinearly resized to the image, scaled to [0, 1]."""
+    from sepvit.explain.gradcam import last_stage
+
+    outputs = []
+    handle = last_stage(model).register_forward_hook(lambda module, args, output: outputs.append(output))
+    score = model.eval()(image)[0, target]
+    handle.remove()
+    (stage,) = outputs
+    (gradient,) = torch.autograd.grad(score, stage)
+    if stage.shape[-1] == model.num_features:  # NHWC stages (Swin)
+        stage, gradient = stage.permute(0, 3, 1, 2), gradient.permute(0, 3, 1, 2)
+    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * stage).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    cam = cam[0, 0].detach().numpy()
+    return (cam - cam.min()) / (cam.max() - cam.min() + 1e-7)
+
+
+@pytest.mark.parametrize("name", ["sepvit_lite", "swin_tiny_patch4_window7_224"])
+def test_grad_cam_follows_its_definition_whatever_the_stage_layout(name) -> None:
+    """SepViT's stages give NCHW, Swin's NHWC; a map read in the wrong layout comes out striped."""
+    torch.manual_seed(0)
+    options = {"window_size": 2, "depths": (1, 1, 2, 1)} if name.startswith("sepvit") else {"window_size": 2}
+    model = timm.create_model(name, img_size=64, num_classes=10, **options)
+    image = torch.rand(1, 3, 64, 64)
+    heat = grad_cam(model, image, target=3)
+    np.testing.assert_allclose(heat, reference_cam(model, image, 3), atol=0.02)
+
+
 def test_square_centred_on_the_centre_pixels_cell():
     gradient = torch.zeros(1, 32, 32)
     gradient[0, 16:24, 16:24] = 1.0  # the cell of an 8-px grid that holds pixel (16, 16)

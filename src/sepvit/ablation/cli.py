@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--protocol",
         choices=tuple(PROTOCOLS),
         default="reduced",
-        help="smoke: seconds, for tests; reduced: about 2 hours on 2 CPU cores; full: for a GPU",
+        help="smoke: seconds, for tests; reduced: about 1.5 hours on 2 CPU cores with --jobs 2; "
+        "full: for a GPU",
     )
     parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
     parser.add_argument(

@@ -178,7 +178,7 @@ PROTOCOLS: dict[str, Protocol] = {
         control_variants=None,
         erf_images=2,
     ),
-    # About 1.5 hours on the 2-core CPU with two one-thread runs side by side (docs/ablations.md).
+    # About 1.5 hours on the 2-core CPU with --jobs 2 (two one-thread runs side by side; docs/ablations.md).
     "reduced": Protocol(
         name="reduced",
         sizes={"train": 4000, "val": 500, "test": 1000},

@@ -17,12 +17,22 @@ def last_stage(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no 'stages' or 'layers' for Grad-CAM to use")
 
 
+def channels_first(features: int):
+    """Grad-CAM's reshape of a stage's output to (B, C, H, W): the layout is read from where the
+    ``features`` channels are, since a model's ``output_fmt`` describes its pooled-off features, not
+    its stages (SepViT's stages give NCHW, Swin's NHWC)."""
+
+    def reshape(x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2) if x.shape[1] != features and x.shape[-1] == features else x
+
+    return reshape
+
+
 def grad_cam(model: nn.Module, image: Tensor, target: int | None = None) -> np.ndarray:
     """Class activation map (H, W) in [0, 1] of one image (1, 3, H, W) for ``target`` (default: top-1)."""
     cams = require("pytorch_grad_cam", extra="explain")
     targets_module = require("pytorch_grad_cam.utils.model_targets", extra="explain")
-    channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"
-    reshape = (lambda x: x.permute(0, 3, 1, 2)) if channels_last else None
+    reshape = channels_first(model.num_features)
     targets = None if target is None else [targets_module.ClassifierOutputTarget(target)]
     with cams.GradCAM(
         model=model.eval(), target_layers=[last_stage(model)], reshape_transform=reshape
