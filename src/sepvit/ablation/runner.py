@@ -206,8 +206,7 @@ def run_study(
     ``shard`` (k, n): only the runs k, k + n, k + 2n, ... of the plan, for n processes side by side."""
     index, count = shard
     plan = protocol.plan(tasks, variants, seeds)[index::count]
-    with locked(results_path):
-        records = read_results(results_path)
+    records = read_results(results_path)  # written atomically: whole even while another shard writes
     done = {record_key(record) for record in records}
     todo = [run for run in plan if (protocol.name, *run) not in done]
     log(

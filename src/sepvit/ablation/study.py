@@ -24,7 +24,6 @@ from sepvit.ablation.tasks import TASKS, TaskSpec
 from sepvit.errors import ConfigError
 
 DATA_SEED = 0  # the task images are the same for every variant and seed
-NUM_CLASSES = 10
 SEPVIT_FACTORY = "sepvit_lite"  # widths, depths and heads are the protocol's
 SWIN_FACTORY = "swin_tiny_patch4_window7_224"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from torch import Tensor, nn
 
@@ -17,7 +19,7 @@ def last_stage(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no 'stages' or 'layers' for Grad-CAM to use")
 
 
-def channels_first(features: int):
+def channels_first(features: int) -> Callable[[Tensor], Tensor]:
     """Grad-CAM's reshape of a stage's output to (B, C, H, W): the layout is read from where the
     ``features`` channels are, since a model's ``output_fmt`` describes its pooled-off features, not
     its stages (SepViT's stages give NCHW, Swin's NHWC)."""
