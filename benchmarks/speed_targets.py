@@ -11,43 +11,30 @@ Usage (CPU, fp32, batch 16 by default; on a GPU e.g. ``--device cuda --dtype bf1
 
 Prints each target with its measured value and PASS / MISS, writes the tables, JSON and plots of
 both runs to ``--out-dir`` and exits with status 1 when a target is missed.
+
+Measures as the ``sepvit`` command runs (freed memory kept, SepViT's layers in their cpu_inference
+form); ``benchmarks/deploy_targets.py`` measures models as a user's own process creates them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from sepvit.bench.blocks import table1_subjects
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, run_benchmark
 from sepvit.bench.models import model_subjects
 from sepvit.bench.report import format_table, write_outputs
+from sepvit.bench.targets import Target
 from sepvit.engine.files import write_text
 from sepvit.utils import keep_freed_memory
 
 SEPVIT, SWIN, VIT_PYTORCH = "sepvit_tiny", "swin_tiny_patch4_window7_224", "vitpytorch_sepvit_tiny"
 
 
-@dataclass
-class Target:
-    description: str
-    measured: float
-    threshold: float
-    higher_is_better: bool = True
-
-    @property
-    def met(self) -> bool:
-        return self.measured >= self.threshold if self.higher_is_better else self.measured < self.threshold
-
-    def line(self) -> str:
-        relation = "≥" if self.higher_is_better else "<"
-        verdict = "PASS" if self.met else "MISS"
-        return f"{verdict}  {self.description}: {self.measured:.3f} (target {relation} {self.threshold:g})"
-
-
 def find(run: BenchRun, name: str, backend: str = "eager") -> BenchResult | None:
+    """The result of the subject whose name starts with ``name`` (block names carry a description)."""
     return next((r for r in run.results if r.name.split()[0] == name and r.backend == backend), None)
 
 
@@ -74,7 +61,7 @@ def model_targets(run: BenchRun, gpu: bool) -> list[Target]:
     if ours_ort is not None and swin_ort is not None:
         latency_ratio = ours_ort.latency_ms / swin_ort.latency_ms
         description = "SepViT-T / Swin-T batch-1 latency in ONNX Runtime"
-        targets.append(Target(description, latency_ratio, 1.0, higher_is_better=False))
+        targets.append(Target(description, latency_ratio, 1.0, "<"))
     return targets
 
 
@@ -84,7 +71,7 @@ def block_targets(run: BenchRun) -> list[Target]:
         Target(
             "SepViT block / two Swin blocks throughput", ours.throughput.median / swin.throughput.median, 1.6
         ),
-        Target("SepViT block / two Swin blocks GMACs", ours.macs / swin.macs, 0.6, higher_is_better=False),
+        Target("SepViT block / two Swin blocks GMACs", ours.macs / swin.macs, 0.6, "<"),
         Target(
             "SepViT block / two Twins blocks throughput",
             ours.throughput.median / twins.throughput.median,
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/speed_targets.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = BenchSettings(
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, rounds=args.rounds,
-        warmup=args.warmup, min_round_seconds=0.5, latency_iters=args.latency_iters,
+        warmup=args.warmup, min_round_seconds=0.5, latency_iters=args.latency_iters, form="cpu_inference",
     )  # fmt: skip
     targets: list[Target] = []
     summary: list[str] = []

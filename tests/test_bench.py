@@ -110,6 +110,10 @@ def test_presets_expand_and_bad_names_list_close_matches():
         run_cli("bench")
     with pytest.raises(ConfigError, match="not bf16"):
         run_cli("bench", "resnet18", "--backend", "onnxruntime", "--dtype", "bf16")
+    with pytest.raises(ConfigError, match="onnxruntime-int8 backend quantises an fp32 export"):
+        run_cli("bench", "resnet18", "--backend", "onnxruntime-int8", "--dtype", "fp16")
+    with pytest.raises(ConfigError, match="--training times PyTorch's backward"):
+        run_cli("bench", "resnet18", "--backend", "eager", "onnxruntime", "--training")
 
 
 def test_spread_and_pareto_front():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from sepvit.bench.measure import BACKENDS, DTYPES
+    from sepvit.bench.measure import BACKENDS, DTYPES, FORMS
     from sepvit.bench.presets import PRESETS
 
     parser = subparsers.add_parser(
@@ -29,6 +29,14 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--deploy", action="store_true", help="fused (conv-BN, re-parameterised) models")
+    parser.add_argument(
+        "--form", choices=FORMS, default="cpu_inference",
+        help="eager CPU models: SepViT's linears as fused oneDNN calls (cpu_inference, the default) or "
+        "as timm.create_model returns them (as_created)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--training", action="store_true", help="time a training step (forward + backward) at the batch size"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per model and batch size")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each visits every model)")
     parser.add_argument("--min-round-seconds", type=float, default=0.5, help="time per model per round")
@@ -62,6 +70,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"device {args.device!r} requested but CUDA is not available")
     if "onnxruntime" in args.backend and args.dtype == "bf16":
         raise ConfigError("the onnxruntime backend runs fp32 or fp16, not bf16")
+    if "onnxruntime-int8" in args.backend and args.dtype != "fp32":
+        raise ConfigError("the onnxruntime-int8 backend quantises an fp32 export: leave --dtype at fp32")
+    if args.training and any(backend.startswith("onnxruntime") for backend in args.backend):
+        raise ConfigError("--training times PyTorch's backward: use the eager or compile backend")
     if min(args.batch_size, args.rounds, args.latency_iters) < 1 or args.warmup < 0:
         raise ConfigError(
             "--batch-size, --rounds and --latency-iters must be at least 1, --warmup at least 0"
@@ -76,7 +88,8 @@ def run_bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
         deploy=args.deploy, warmup=args.warmup, rounds=args.rounds,
         min_round_seconds=args.min_round_seconds, latency_iters=args.latency_iters,
-        latency=not args.no_latency, memory=not args.no_memory, threads=args.threads, opset=args.opset,
+        latency=not (args.no_latency or args.training), memory=not args.no_memory, threads=args.threads,
+        opset=args.opset, form=args.form, training=args.training,
     )  # fmt: skip
     run = run_benchmark(subjects, settings)
     print(format_table(run))

@@ -33,8 +33,12 @@ from torch import nn
 
 from sepvit.layers import prepare_for
 
-BACKENDS = ("eager", "compile", "onnxruntime")
+BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How eager CPU subjects run: as ``timm.create_model`` returns them, or with SepViT's layers in their
+# oneDNN form (sepvit.layers.prepare_for), as ``sepvit bench`` runs them by default.
+FORMS = ("as_created", "cpu_inference")
+INT8_CALIBRATION_BATCHES = 4  # random batches of 8: the speed of a quantised graph ignores its ranges
 SPREAD_WARNING = 0.15  # (max − min) / median of the rounds
 
 
@@ -54,18 +58,26 @@ class BenchSettings:
     latency: bool = True
     memory: bool = True
     threads: int | None = None
-    opset: int = 18  # of the onnxruntime backend's export
+    opset: int = 18  # of the onnxruntime backends' export
+    form: str = "cpu_inference"  # one of FORMS, for eager CPU subjects that do not set their own
+    training: bool = False  # time a training step (train mode, forward and backward, no optimiser)
 
 
 @dataclass
 class Subject:
-    """One thing to time: a name, a factory for the module, its per-sample input shape and backend."""
+    """One thing to time: a name, a factory for the module, its per-sample input shape and backend.
+
+    ``form`` (one of FORMS) overrides the settings' form; with ``autocast`` the module keeps fp32
+    weights and inputs and runs under ``torch.autocast`` to the settings' dtype instead of being cast.
+    """
 
     name: str
     build: Callable[[], nn.Module]
     sample_shape: tuple[int, ...]
     backend: str = "eager"
     top1: float | None = None
+    form: str | None = None
+    autocast: bool = False
 
 
 @dataclass
@@ -101,6 +113,10 @@ class BenchResult:
     achieved_gflops: float  # 2 × MACs × throughput
     matmul_fraction: float  # of the machine's dense matmul rate
     top1: float | None = None
+    form: str = "as_created"  # of an eager CPU subject's layers; the other backends take models as created
+    autocast: bool = False
+    int8_kernels: dict[str, int] | None = None  # onnxruntime-int8: ONNX Runtime's int8 kernels
+    float_products: dict[str, int] | None = None  # onnxruntime-int8: matrix products left in float
 
 
 @dataclass
@@ -117,44 +133,79 @@ class BenchRun:
 
 
 class Runner:
-    """Calls a prepared model on prepared inputs; ``__call__`` returns when the work is done."""
+    """Calls a prepared model on prepared inputs; ``__call__`` returns when the work is done.
+
+    Inference runs under ``torch.inference_mode()``; with ``settings.training`` a call is one
+    training step without the optimiser: gradients reset (to ``None``, as optimisers do), forward
+    in train mode, backward of the mean output.
+    """
 
     def __init__(self, subject: Subject, settings: BenchSettings, model: nn.Module) -> None:
         self.subject = subject
         self.settings = settings
         self.device = torch.device(settings.device)
+        form = subject.form or settings.form
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, not {form!r}")
+        # Forms are for eager CPU inference; compile and the exports take the model as created.
+        self.form = form if subject.backend == "eager" and self.device.type == "cpu" else "as_created"
+        self.int8_kernels: dict[str, int] | None = None
+        self.float_products: dict[str, int] | None = None
         self._inputs: dict[int, Any] = {}
         self._keepalive: Any = None
         self.channels_last = settings.channels_last and len(subject.sample_shape) == 3
-        if subject.backend == "onnxruntime":
+        if subject.backend.startswith("onnxruntime"):
+            if settings.training or subject.autocast:
+                raise ValueError("the onnxruntime backends run inference in the graph's own precision")
             self._call = self._onnxruntime(model)
         else:
             self._call = self._torch(model)
 
     def _torch(self, model: nn.Module) -> Callable[[Any], Any]:
-        dtype = DTYPES[self.settings.dtype]
-        model = model.to(self.device, dtype)
+        autocast_dtype = DTYPES[self.settings.dtype] if self.subject.autocast else None
+        if autocast_dtype == torch.float32:
+            raise ValueError("autocast needs a lower precision: dtype bf16 or fp16")
+        dtype = torch.float32 if autocast_dtype else DTYPES[self.settings.dtype]
+        model = model.to(self.device, dtype).train(self.settings.training)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.subject.backend == "compile":
             model = torch.compile(model)
-        elif self.device.type == "cpu":
-            prepare_for(model, "cpu_inference")  # as a user runs eager CPU inference
+        elif self.form == "cpu_inference":
+            prepare_for(model, "cpu_inference")
         self._dtype = dtype
+        device_type = self.device.type
+
+        def precision() -> contextlib.AbstractContextManager:
+            if autocast_dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type, dtype=autocast_dtype)
+
+        def infer(inputs):
+            with torch.inference_mode(), precision():
+                model(inputs)
+
+        def train_step(inputs):
+            model.zero_grad(set_to_none=True)
+            with precision():
+                output = model(inputs)
+            output.float().mean().backward()
+
+        step = train_step if self.settings.training else infer
 
         def call(inputs):
-            with torch.inference_mode():
-                model(inputs)
-            if self.device.type == "cuda":
+            step(inputs)
+            if device_type == "cuda":
                 torch.cuda.synchronize()
 
         return call
 
     def _onnxruntime(self, model: nn.Module) -> Callable[[Any], Any]:
-        from sepvit.export import export_onnx, onnxruntime_session
+        from sepvit.export import export_onnx, kernel_census, onnxruntime_session, quantize_qdq
 
-        if self.settings.dtype == "bf16":
-            raise ValueError("the onnxruntime backend runs fp32 or fp16, not bf16")
+        int8 = self.subject.backend == "onnxruntime-int8"
+        if self.settings.dtype == "bf16" or (int8 and self.settings.dtype != "fp32"):
+            raise ValueError("the onnxruntime backend runs fp32 or fp16, the onnxruntime-int8 backend fp32")
         fp16 = self.settings.dtype == "fp16"
         directory = tempfile.TemporaryDirectory(prefix="sepvit-bench-")
         path = Path(directory.name) / "model.onnx"
@@ -167,6 +218,16 @@ class Runner:
             name=self.subject.name,
             check_shapes=(),  # timed, not verified: tests and `sepvit export` verify exports
         )
+        if int8:
+            generator = np.random.default_rng(0)
+            calibration = [
+                generator.standard_normal((8, *self.subject.sample_shape), dtype=np.float32)
+                for _ in range(INT8_CALIBRATION_BATCHES)
+            ]
+            quantized = path.with_name("model-int8.onnx")
+            quantize_qdq(path, quantized, calibration)
+            self.int8_kernels, self.float_products = kernel_census(quantized)
+            path = quantized
         session = onnxruntime_session(path, self.settings.device, torch.get_num_threads())
         self._keepalive = directory
         self._dtype = np.float16 if fp16 else np.float32
@@ -176,7 +237,7 @@ class Runner:
     def inputs(self, batch: int) -> Any:
         if batch not in self._inputs:
             x = torch.randn(batch, *self.subject.sample_shape, generator=torch.Generator().manual_seed(0))
-            if self.subject.backend == "onnxruntime":
+            if self.subject.backend.startswith("onnxruntime"):
                 self._inputs[batch] = x.numpy().astype(self._dtype)
             else:
                 x = x.to(self.device, self._dtype)
@@ -252,7 +313,7 @@ def measure_peak_memory(runner: Runner, batch: int) -> float | None:
     excludes the weights, which are already resident. ``None`` where it cannot be measured this way:
     without /proc, and for ONNX Runtime, whose memory arena keeps what the warm-up allocated.
     """
-    if runner.subject.backend == "onnxruntime":
+    if runner.subject.backend.startswith("onnxruntime"):
         return None
     runner.inputs(batch)
     if runner.device.type == "cuda":
@@ -295,8 +356,9 @@ def run_benchmark(
     subjects: list[Subject], settings: BenchSettings, log: Callable[[str], None] = _log
 ) -> BenchRun:
     """Measure every subject, interleaved with each other and with the matmul probe."""
-    from sepvit.utils import count_macs, count_params
+    from sepvit.utils import count_macs, count_params, count_training_macs
 
+    count = count_training_macs if settings.training else count_macs
     if settings.threads:
         torch.set_num_threads(settings.threads)
     runners: list[Runner] = []
@@ -308,7 +370,7 @@ def run_benchmark(
             from sepvit.export import prepare_deploy
 
             module = prepare_deploy(module)
-        counts.append((count_params(module), count_macs(module, input_size=subject.sample_shape)))
+        counts.append((count_params(module), count(module, input_size=subject.sample_shape)))
         runners.append(Runner(subject, settings, module))
 
     iters: list[int] = []
@@ -344,8 +406,8 @@ def run_benchmark(
     matmul = Spread.of(matmul_rates)
 
     run = BenchRun(settings, [], matmul)
-    for subject, (params, macs), runner_throughput, runner_latency, peak in zip(
-        subjects, counts, throughputs, latencies, memory
+    for subject, runner, (params, macs), runner_throughput, runner_latency, peak in zip(
+        subjects, runners, counts, throughputs, latencies, memory
     ):
         throughput = Spread.of(runner_throughput)
         achieved = 2 * macs * throughput.median
@@ -362,6 +424,10 @@ def run_benchmark(
             achieved_gflops=achieved / 1e9,
             matmul_fraction=achieved / matmul.median,
             top1=subject.top1,
+            form=runner.form,
+            autocast=subject.autocast,
+            int8_kernels=runner.int8_kernels,
+            float_products=runner.float_products,
         )
         if throughput.relative > SPREAD_WARNING:
             run.warnings.append(

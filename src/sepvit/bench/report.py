@@ -31,6 +31,10 @@ COLUMNS = (
 )
 
 
+# Instruction sets behind the fp32, bf16 and int8 rates, reported with every run.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
 def machine_description(device: str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on."""
     import timm
@@ -39,13 +43,17 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     from sepvit.utils.memory import freed_memory_kept
 
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+            lines = cpuinfo.readlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
+        flags = {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
     description = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
+        "cpu_features": " ".join(flag for flag in CPU_FEATURES if flag in flags) or "–",
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "timm": timm.__version__,
@@ -58,6 +66,11 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     with contextlib.suppress(MissingExtraError):
         description["onnxruntime"] = require("onnxruntime", "export").__version__
     return description
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """``Machine: key value, ...`` of a :func:`machine_description`."""
+    return "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items())
 
 
 def _row(result: BenchResult) -> list[str]:
@@ -83,7 +96,13 @@ def _row(result: BenchResult) -> list[str]:
 def _settings_line(run: BenchRun) -> str:
     s = run.settings
     modes = [m for m, on in (("channels-last", s.channels_last), ("deploy", s.deploy)) if on]
-    if any(result.backend == "onnxruntime" for result in run.results):
+    if s.device == "cpu":
+        modes.append(
+            "SepViT layers in cpu_inference form" if s.form == "cpu_inference" else "models as created"
+        )
+    if s.training:
+        modes.append("training step (train mode, forward + backward, no optimiser; GMACs of both)")
+    if any(result.backend.startswith("onnxruntime") for result in run.results):
         modes.append(f"ONNX opset {s.opset}")
     return (
         f"{s.device}, {s.dtype}, batch {s.batch_size}{', ' + ', '.join(modes) if modes else ''}; "
@@ -112,7 +131,7 @@ def to_markdown(run: BenchRun, command: str | None = None) -> str:
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [
-        "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()),
+        machine_line(machine),
         "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
