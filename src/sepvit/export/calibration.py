@@ -1,5 +1,6 @@
 """Images for int8 quantisation: calibration batches from a dataset's training images, and top-1 of
-an ONNX file on its held-out (validation) images, with the transform and metric of ``sepvit eval``."""
+an ONNX file on its held-out (validation) images, with the transform and metric of ``sepvit eval``;
+:func:`quantize_on_data` puts them together behind the gate, as ``sepvit export --int8`` runs it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from sepvit.errors import ConfigError
+from sepvit.export.quantize import QuantizationReport, quantize_int8
 from sepvit.train.data import ClassificationImages, ImageSet, check_classes, eval_transform, load_image_sets
 
 CALIBRATION_SEED = 0
@@ -53,3 +55,26 @@ def onnx_top1(path: str | os.PathLike, image_set: ImageSet, data_config: dict[st
         ClassificationImages(image_set, eval_transform(data_config)), 64, 0, context
     )
     return evaluate(OnnxClassifier(path), loader, context)["top1"]
+
+
+def quantize_on_data(
+    float_model: str | os.PathLike,
+    output: str | os.PathLike,
+    data: str,
+    data_config: dict[str, Any],
+    classes: list[str],
+    calibration_images: int,
+    max_drop: float = 1.0,
+) -> tuple[QuantizationReport, int, int]:
+    """:func:`~sepvit.export.quantize_int8` of ``float_model`` to ``output``, calibrated on
+    ``calibration_images`` training images of ``data`` and gated on its validation images; returns
+    the report and how many calibration and held-out images it used."""
+    calibration, held_out = calibration_and_held_out(data, data_config, classes, calibration_images)
+    report = quantize_int8(
+        float_model,
+        output,
+        lambda: image_batches(calibration, data_config),
+        lambda path: onnx_top1(path, held_out, data_config),
+        max_drop,
+    )
+    return report, len(calibration.items), len(held_out.items)

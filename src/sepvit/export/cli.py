@@ -165,35 +165,26 @@ def _model_to_export(args: argparse.Namespace):
 def _quantize(args: argparse.Namespace, float_path: Path, output: Path, info: dict) -> dict[str, Any]:
     """Quantise ``float_path`` to ``output`` behind the gate; print and return what was measured."""
     from sepvit.errors import ConfigError
-    from sepvit.export.calibration import calibration_and_held_out, image_batches, onnx_top1
-    from sepvit.export.quantize import quantize_int8
+    from sepvit.export.calibration import quantize_on_data
 
     data = args.calibration or info.get("data")
     if not data:
         raise ConfigError("pass --calibration (digits or a folder): the checkpoint does not name its data")
-    data_config = info["data_config"]
-    calibration, held_out = calibration_and_held_out(
-        data, data_config, info["classes"], args.calibration_images
-    )
-    result = quantize_int8(
-        float_path,
-        output,
-        lambda: image_batches(calibration, data_config),
-        lambda path: onnx_top1(path, held_out, data_config),
-        args.max_drop,
+    result, calibration_count, held_out_count = quantize_on_data(
+        float_path, output, data, info["data_config"], info["classes"], args.calibration_images, args.max_drop
     )
     kept = f", {len(result.kept_in_float)} sensitive nodes kept in float" if result.kept_in_float else ""
     print(f"  int8: top-1 {result.float_top1:.2f}% fp32 -> {result.int8_top1:.2f}% int8 "
-          f"(drop {result.drop:.2f}, max {args.max_drop:g}) on {len(held_out.items)} held-out {data} "
-          f"images, calibrated on {len(calibration.items)}{kept}")  # fmt: skip
+          f"(drop {result.drop:.2f}, max {args.max_drop:g}) on {held_out_count} held-out {data} "
+          f"images, calibrated on {calibration_count}{kept}")  # fmt: skip
     int8 = ", ".join(f"{op} {n}" for op, n in result.int8_kernels.items()) or "none"
     products = ", ".join(f"{op} {n}" for op, n in result.float_products.items()) or "none"
     print(f"  int8 kernels (ONNX Runtime's optimised graph): {int8}; float products: {products}; "
           f"CPU VNNI: {'yes' if result.vnni else 'no'}")  # fmt: skip
     return {
         "data": data,
-        "calibration_images": len(calibration.items),
-        "held_out_images": len(held_out.items),
+        "calibration_images": calibration_count,
+        "held_out_images": held_out_count,
         "float_top1": result.float_top1,
         "int8_top1": result.int8_top1,
         "first_attempt_top1": result.first_attempt_top1,

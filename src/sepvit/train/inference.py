@@ -14,15 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from sepvit.data_io import open_image
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.distributed import single_process
+from sepvit.engine.distributed import DistContext, single_process
 from sepvit.engine.onnx_runtime import OnnxClassifier
 from sepvit.engine.optim import amp_dtype
 from sepvit.engine.reporting import log, pyplot, save_figure
+from sepvit.engine.shards import ShardSet
 from sepvit.errors import CheckpointError, ConfigError
 from sepvit.train.data import (
+    ImageSet,
     check_classes,
     describe,
     eval_transform,
@@ -114,6 +117,29 @@ def load_onnx_model(path: str, plain_options: bool = False) -> tuple[nn.Module, 
     return OnnxClassifier(path), info
 
 
+def held_out_loader(
+    data: str,
+    info: dict[str, Any],
+    batch_size: int,
+    workers: int,
+    context: DistContext,
+    val_set: ImageSet | ShardSet | None = None,
+    quiet: bool = True,
+) -> DataLoader:
+    """The validation images of ``data`` (``val_set`` when already loaded), checked against the classes
+    of the checkpoint ``info`` describes and transformed as its preprocessing says: what ``sepvit eval``
+    measures on."""
+    data_config = info["data_config"]
+    if val_set is None:
+        _, val_set = load_classification_data(data, None, data_config["input_size"][-1])
+    check_classes(data, val_set.classes, info["classes"], "checkpoint's")
+    if not quiet:
+        log(describe(val_set, "val"))
+    return classification_loader(
+        evaluation_images(val_set, eval_transform(data_config)), batch_size, workers, context
+    )
+
+
 def run_eval(
     path: str,
     data: str | None,
@@ -142,15 +168,7 @@ def run_eval(
     if not data:
         raise ConfigError("pass --data (digits or a folder): the checkpoint does not name its data")
     context = single_process(device)
-    data_config = info["data_config"]
-    if val_set is None:
-        _, val_set = load_classification_data(data, None, data_config["input_size"][-1])
-    check_classes(data, val_set.classes, info["classes"], "checkpoint's")
-    if not quiet:
-        log(describe(val_set, "val"))
-    loader = classification_loader(
-        evaluation_images(val_set, eval_transform(data_config)), batch_size, workers, context
-    )
+    loader = held_out_loader(data, info, batch_size, workers, context, val_set, quiet)
     model.to(context.device)
     metrics = evaluate(model, loader, context, amp_dtype(amp, context.device), collect=True)
     result = {
