@@ -21,9 +21,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, resize_rel_pos_bias_table_levit
+from timm.layers import resize_rel_pos_bias_table_levit
 from timm.models import register_notrace_module
 from torch import Tensor, nn
+
+from sepvit.layers.conv_norm import ConvNormAct
 
 
 def relative_offset_index(resolution: int, device: torch.device | None = None) -> Tensor:
@@ -71,13 +73,12 @@ class CascadedGroupAttention(nn.Module):
         self.resolution = resolution
         head_dim = dim // num_heads
         self.qkvs = nn.ModuleList(
-            ConvNormAct(head_dim, 2 * key_dim + self.val_dim, 1, apply_act=False) for _ in range(num_heads)
+            ConvNormAct(head_dim, 2 * key_dim + self.val_dim, 1) for _ in range(num_heads)
         )
         self.dws = nn.ModuleList(
-            ConvNormAct(key_dim, key_dim, kernels[i], groups=key_dim, apply_act=False)
-            for i in range(num_heads)
+            ConvNormAct(key_dim, key_dim, kernels[i], groups=key_dim) for i in range(num_heads)
         )
-        self.proj = nn.Sequential(nn.ReLU(), ConvNormAct(self.val_dim * num_heads, dim, 1, apply_act=False))
+        self.proj = nn.Sequential(nn.ReLU(), ConvNormAct(self.val_dim * num_heads, dim, 1))
         nn.init.zeros_(self.proj[1].bn.weight)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
         self.register_buffer("attention_bias_idxs", relative_offset_index(resolution), persistent=False)

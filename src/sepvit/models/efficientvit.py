@@ -18,7 +18,6 @@ from functools import partial
 
 import torch
 from timm.layers import (
-    ConvNormAct,
     DropPath,
     SelectAdaptivePool2d,
     SqueezeExcite,
@@ -32,12 +31,13 @@ from torch import Tensor, nn
 
 from sepvit.errors import ConfigError
 from sepvit.layers.cascaded_group_attention import CascadedGroupAttention
+from sepvit.layers.conv_norm import ConvNormAct
 from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 from sepvit.utils.reparameterize import fuse_bn_linear, reparameterize
 
 __all__ = ["EfficientViT", "checkpoint_filter_fn"]
 
-ConvNorm = partial(ConvNormAct, apply_act=False)
+ConvNorm = ConvNormAct
 ConvNormReLU = partial(ConvNormAct, act_layer=nn.ReLU)
 
 
@@ -237,6 +237,8 @@ class EfficientViT(nn.Module):
             ConvNormReLU(embed_dim[0] // 4, embed_dim[0] // 2, 3, stride=2),
             ConvNorm(embed_dim[0] // 2, embed_dim[0], 3, stride=2),
         )
+        # The maps are channels-last; dense kxk kernels stored so too are not converted on every call.
+        self.patch_embed.to(memory_format=torch.channels_last)
         # Stochastic depth per block (the subsample of a stage counts as its first block).
         num_blocks = [d + (i > 0) for i, d in enumerate(depth)]
         dpr = torch.linspace(0, drop_path_rate, sum(num_blocks), device="cpu").split(num_blocks)

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, ConvMlp, ConvNormAct, DropPath, GroupNorm1, make_divisible
+from timm.layers import ClassifierHead, ConvMlp, DropPath, GroupNorm1, make_divisible
 from timm.models import (
     checkpoint_seq,
     generate_default_cfgs,
@@ -27,6 +27,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from sepvit.layers.conv_norm import ConvNormAct
 from sepvit.layers.linear_attention import LinearSelfAttention
 from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 from sepvit.utils.reparameterize import reparameterize
@@ -46,7 +47,7 @@ class InvertedResidual(nn.Module):
         mid_chs = make_divisible(in_chs * expand_ratio)
         self.conv_pw = ConvNormSiLU(in_chs, mid_chs, 1)
         self.conv_dw = ConvNormSiLU(mid_chs, mid_chs, 3, stride=stride, groups=mid_chs)
-        self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1, apply_act=False)
+        self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1)
         self.has_skip = in_chs == out_chs and stride == 1
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -113,7 +114,7 @@ class MobileViTv2Block(nn.Module):
             ]
         )
         self.norm = GroupNorm1(width)
-        self.proj_out = ConvNormAct(width, dim, 1, apply_act=False)
+        self.proj_out = ConvNormAct(width, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
