@@ -245,6 +245,23 @@ def test_attention_biases_learn_in_eval_mode_and_are_cached_for_inference():
         assert not torch.equal(layer(x), expected)
 
 
+def test_loading_weights_in_eval_mode_drops_the_bias_cache():
+    """A model that ran inference and then loads other weights computes with the new biases."""
+    model = randomize_(timm.create_model("sv_efficientvit_m0")).eval()
+    state = model.state_dict()
+    for key in [k for k in state if "attention_biases" in k]:
+        state[key] = state[key] + torch.linspace(0, 1, state[key].numel()).reshape(state[key].shape)
+    reference = timm.create_model("sv_efficientvit_m0").eval()
+    reference.load_state_dict(state)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        before = model(x)  # fills the caches with the first biases
+        model.load_state_dict(state)
+        after = model(x)
+        assert not torch.allclose(after, before, atol=1e-4)
+        torch.testing.assert_close(after, reference(x))
+
+
 def test_classifier_needs_pooling():
     with pytest.raises(ConfigError, match="global_pool"):
         timm.create_model("sv_efficientvit_m0", global_pool="")

@@ -105,6 +105,10 @@ class CascadedGroupAttention(nn.Module):
         self._bias_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._bias_cache = {}  # new biases loaded in eval mode must not meet the old ones' cache
+        super()._load_from_state_dict(*args, **kwargs)
+
     def attention_bias(self) -> Tensor:
         """(heads, N, N) biases of the window; cached for inference (eval mode, no gradient), where
         they are constant."""
