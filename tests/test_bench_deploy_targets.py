@@ -152,7 +152,8 @@ def test_script_runs_fp32_and_bf16_sections_on_test_models(script, tmp_path, mon
     assert status in (0, 1)
     screen = capsys.readouterr().out
     payload = json.loads((tmp_path / "targets.json").read_text())
-    assert payload["allocator"] == "glibc defaults" and "--sections fp32 bf16" in payload["command"]
+    # Earlier tests in this process may have kept freed memory; the run then says so.
+    assert payload["allocator"].startswith("glibc defaults") and "--sections fp32 bf16" in payload["command"]
     assert [row["section"] for row in payload["targets"]] == ["fp32"] * 4 + ["bf16"] * 4
     assert status == (0 if all(row["met"] for row in payload["targets"]) else 1)
     assert "accuracy skipped: pass --checkpoint" in payload["notes"]["bf16"][0]
