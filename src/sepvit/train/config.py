@@ -106,7 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # batches leave the cores idle), a moderate peak learning rate, random resized crops and one
     # geometric RandAugment op per image (timm's 'weights' choice: mostly rotations, shears and
     # shifts, which handwriting varies by), no mixup (it slowed learning), drop path 0.1, and EMA
-    # weights, which the demo evaluates (timm's warm-up keeps their decay near 0.992 by the end, so
+    # weights, which the demo evaluates (timm's warm-up keeps their decay near 0.99 by the end, so
     # they average about the last five epochs; 0.999 is a ceiling). Evaluation zooms in as the
     # training crops do (centre crop of 0.875 of the image enlarged to 32 px): on digits-val that
     # cut the errors of 16 trained models by 30% (docs/training.md). Chosen on the digits-val split.
