@@ -399,7 +399,7 @@ def run_here(args: argparse.Namespace, command: str) -> int:
         raise ConfigError("freed memory cannot be kept here (not glibc, or SEPVIT_KEEP_FREED_MEMORY=0)")
     allocator = ALLOCATORS[args.allocator]
     if args.allocator == "glibc" and freed_memory_kept():
-        allocator += " requested, but freed memory is kept (applied on import)"
+        allocator += " requested, but this process already keeps freed memory"
     machine = machine_description()
     print(f"{command}\nallocator: {allocator}\nmachine: {json.dumps(machine)}", flush=True)
     bench = Bench(args, command)
