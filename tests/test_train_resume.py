@@ -131,3 +131,13 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_run_resumes(tmp_path: Path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed {run_dir} at epoch 1, step {info['step_in_epoch']}" in resumed.stdout
     assert read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 2
+
+
+def test_the_ema_decay_warms_up_with_the_configured_power(tmp_path: Path) -> None:
+    config = ClassifyConfig(
+        **NOISY_RUN, output=str(tmp_path), experiment="ema", ema_decay=0.999, ema_warmup_power=0.85
+    )
+    ema = Trainer(config, ClassificationTask(config), CPU).ema
+    # timm counts the first update as step 0 of its warm-up: 1 - (1 + (step - 1)) ** -power.
+    assert ema.get_decay(11) == pytest.approx(1 - 11**-0.85)
+    assert ema.get_decay(100_000) == pytest.approx(0.999)  # the decay caps the warm-up

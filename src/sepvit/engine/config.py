@@ -227,6 +227,11 @@ class TrainConfig:
         0.9998, "EMA decay (with timm's warm-up of the decay)", group="optimization", low=0, high=1,
         high_open=True,
     )  # fmt: skip
+    ema_warmup_power: float = option(
+        2 / 3, "power of timm's EMA decay warm-up, decay = min(ema_decay, 1 - (1 + step) ** -power): "
+        "at step t the EMA averages about the last t ** power steps",
+        group="optimization", low=0, low_open=True, high=1,
+    )  # fmt: skip
     amp: Literal["auto", "none", "bf16", "fp16"] = option(
         AUTO,
         "mixed precision: 'none', 'bf16' or 'fp16' (fp16 on a GPU only; auto: bf16 on a GPU that "

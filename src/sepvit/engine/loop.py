@@ -268,7 +268,9 @@ class Trainer:
         if config.model_ema:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
+            self.ema = ModelEmaV3(
+                self.model, decay=config.ema_decay, use_warmup=True, warmup_power=config.ema_warmup_power
+            )
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.updates_per_epoch)
         self.dtype = amp_dtype(config.amp, context.device)

@@ -349,7 +349,12 @@ def eval_transform(data_config: dict[str, Any]) -> Callable:
 
 
 def train_transform(
-    data_config: dict[str, Any], aa: str, scale: tuple[float, float], hflip: float, reprob: float
+    data_config: dict[str, Any],
+    aa: str,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    reprob: float,
 ) -> Callable:
     """timm's training transform: random resized crop, flip, auto-augment, random erasing."""
     from timm.data import create_transform
@@ -359,6 +364,7 @@ def train_transform(
             **_common(data_config),
             is_training=True,
             scale=tuple(scale),
+            ratio=tuple(ratio),
             hflip=hflip,
             color_jitter=0.0,
             auto_augment=None if aa in (None, "none", "") else aa,

@@ -79,7 +79,9 @@ class ClassificationTask(Task):
         elif from_timm and context.is_main:
             log(f"fine-tuning from timm's pretrained {config.model}")
         self.data_config = data_config_for(self.model, config.img_size, config.crop_pct)
-        augment = train_transform(self.data_config, config.aa, config.scale, config.hflip, config.reprob)
+        augment = train_transform(
+            self.data_config, config.aa, config.scale, config.ratio, config.hflip, config.reprob
+        )
         if isinstance(train_set, ShardSet):
             self.train_set = ShardStream(train_set, ClassifySample(augment), train=True, seed=config.seed)
         else:
