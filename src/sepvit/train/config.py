@@ -113,9 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weights, which the demo evaluates. The cosine schedule ends at a fifth of its peak and the
     # EMA's warm-up power is 0.85, so the EMA averages the last 20 or so epochs of weights that
     # still move (timm's default 2/3 averages about five nearly identical ones, as the learning
-    # rate reaches zero); 0.999 is a ceiling. Evaluation zooms in as the
-    # training crops do (centre crop of 0.875 of the image enlarged to 32 px): on digits-val that
-    # cut the errors of 16 trained models by 30% (docs/training.md). Chosen on the digits-val split.
+    # rate reaches zero); 0.999 is a ceiling. Evaluation zooms in as the training crops do (centre
+    # crop of 0.875 of the image enlarged to 32 px): on digits-val that cut the errors of 16 trained
+    # models by 30% (docs/training.md). Chosen on the digits-val split.
     "digits-demo": {
         "model": "sepvit_lite",
         "data": "digits",
