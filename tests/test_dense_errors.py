@@ -77,3 +77,13 @@ def test_predictions_of_images_with_the_same_stem_are_all_kept(
         "photo.png-2.png",
         "photo.png.png",
     ]
+
+
+def test_a_reversed_scale_range_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [*SEGMENT, "--scale-range", "2", "0.5", "--output", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == "sepvit segment train: error: --scale-range takes LOW then HIGH, got 2.0 > 0.5\n"
+    )
+    assert not (tmp_path / "runs").exists()

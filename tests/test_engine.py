@@ -63,6 +63,8 @@ def test_a_config_file_cannot_resume_or_name_another_config(tmp_path: Path) -> N
         ("--limit-val", "0", "--limit-val must lie in [1, inf], got 0"),
         ("--batch-size", "0", "--batch-size must lie in [1, inf], got 0"),
         ("--scale", "0.5 1.5", "--scale must lie in (0, 1], got 1.5"),
+        ("--scale", "1 0.5", "--scale takes MIN then MAX, got 1.0 > 0.5"),
+        ("--ratio", "2 1", "--ratio takes MIN then MAX, got 2.0 > 1.0"),
     ],
 )
 def test_out_of_range_options_are_refused_in_one_line(

@@ -78,7 +78,7 @@ class SegmentConfig(DenseConfig):
     )
     scale_range: tuple[float, float] = option(
         (0.5, 2.0), "multi-scale training: random rescale range (1 1 turns it off)", group="data", low=0,
-        low_open=True, nargs=2, metavar=("LOW", "HIGH"),
+        low_open=True, ordered=True, nargs=2, metavar=("LOW", "HIGH"),
     )  # fmt: skip
     head_channels: int | None = option(
         None, "decode head width (default 128 FPN, 512 UperNet)", group="model", low=1

@@ -37,12 +37,14 @@ def option(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    ordered: bool = False,
     choices: tuple[Any, ...] | None = None,
     metavar: str | tuple[str, ...] | None = None,
     nargs: str | int | None = None,
     const: Any = None,
 ) -> Any:
-    """A dataclass field that is also a command-line option (``--name-with-dashes``)."""
+    """A dataclass field that is also a command-line option (``--name-with-dashes``); ``ordered``: a
+    pair of numbers that is a range, its first not above its second."""
     metadata = dict(
         help=help,
         group=group,
@@ -50,6 +52,7 @@ def option(
         high=high,
         low_open=low_open,
         high_open=high_open,
+        ordered=ordered,
         choices=choices,
         metavar=metavar,
         nargs=nargs,
@@ -147,6 +150,9 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
             right = ")" if meta.get("high_open") else "]"
             span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
             raise ConfigError(f"{flag_name(name)} must lie in {span}, got {item}")
+    if meta.get("ordered") and value[0] > value[1]:
+        first, second = meta["metavar"]
+        raise ConfigError(f"{flag_name(name)} takes {first} then {second}, got {value[0]} > {value[1]}")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{flag_name(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")

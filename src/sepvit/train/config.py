@@ -49,11 +49,11 @@ class ClassifyConfig(TrainConfig):
     )  # fmt: skip
     scale: tuple[float, float] = option(
         (0.08, 1.0), "random-resized-crop area range", group="augmentation", low=0, low_open=True, high=1,
-        nargs=2, metavar=("MIN", "MAX"),
+        ordered=True, nargs=2, metavar=("MIN", "MAX"),
     )  # fmt: skip
     ratio: tuple[float, float] = option(
         (3 / 4, 4 / 3), "random-resized-crop aspect-ratio range (1 1 keeps the shape)", group="augmentation",
-        low=0, low_open=True, nargs=2, metavar=("MIN", "MAX"),
+        low=0, low_open=True, ordered=True, nargs=2, metavar=("MIN", "MAX"),
     )  # fmt: skip
     hflip: float | Literal["auto"] = option(
         AUTO, "horizontal flip probability (auto: 0 for digits, 0.5 for folders)", group="augmentation",
