@@ -157,3 +157,25 @@ def test_json_prints_the_outcome_on_stdout_and_logs_on_stderr(
     assert outcome["interrupted_by"] is None and outcome["last"]["epoch"] == 1
     assert outcome["best"]["epoch"] == 1 and Path(outcome["weights"]["best"]).is_file()
     assert "run folder:" in captured.err and "run folder:" not in captured.out
+
+
+def test_val_interval_validates_every_nth_and_the_last_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    fast = [arg if arg != "640" else "64" for arg in FAST_RUN]
+    args = [*fast, "--epochs", "5", "--val-interval", "2", "--model-ema", "--output", str(tmp_path)]
+    assert main(["train", *args, "--experiment", "v"]) == 0
+    log = capsys.readouterr().out
+    with open(tmp_path / "v" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    validated = [int(row["epoch"]) for row in rows if row["val_top1"]]
+    assert validated == [2, 4, 5]
+    assert [int(row["epoch"]) for row in rows if row["ema_val_top1"]] == validated
+    assert all(row["train_loss"] for row in rows)  # every epoch still trains and is logged
+    assert [line.split(":")[0] for line in log.splitlines() if "| val top1" in line] == [
+        "epoch 2/5", "epoch 4/5", "epoch 5/5",
+    ]  # fmt: skip
+    _, best = read_checkpoint(tmp_path / "v" / "best.safetensors")
+    assert best["epoch"] in validated
+    _, last = read_checkpoint(tmp_path / "v" / "last_ema.safetensors")
+    assert last["epoch"] == 5 and last["top1"] == pytest.approx(float(rows[-1]["ema_val_top1"]))

@@ -168,6 +168,10 @@ class TrainConfig:
     seed: int = option(42, "random seed for initialisation, data order and augmentation")
     device: str = option(AUTO, "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
     log_interval: int = option(50, "optimizer steps between progress lines when not on a terminal", low=1)
+    val_interval: int = option(
+        1, "epochs between validations (the last epoch is always validated; the best checkpoint is chosen "
+        "among validated epochs)", low=1,
+    )  # fmt: skip
     tensorboard: bool = option(True, "write TensorBoard event files to <run>/tensorboard")
     # -- data
     batch_size: int = option(128, "images per process and step", group="data", low=1)

@@ -538,12 +538,19 @@ class Trainer:
             self._save_before(DataError(one_line(error)))
         return from_main(metrics, self.context)
 
+    def _validates_now(self) -> bool:
+        """Whether the epoch now ending is validated: every ``val_interval``-th one and the last."""
+        finished = self.epoch + 1
+        return finished % self.config.val_interval == 0 or finished == self.config.epochs
+
     def _end_epoch(self, seconds: float) -> None:
         self._check_weights()
         rates = gather(self.images_here / seconds, self.context)
         partial = self._reduced_partial()
-        model_metrics = self._evaluate(self.model)
-        ema_metrics = self._evaluate(self.ema.module) if self.ema is not None else None
+        model_metrics = ema_metrics = None
+        if self._validates_now():
+            model_metrics = self._evaluate(self.model)
+            ema_metrics = self._evaluate(self.ema.module) if self.ema is not None else None
         for source, values in (("model", model_metrics), ("EMA", ema_metrics)):
             if values is not None and not _finite(values):
                 shown = ", ".join(f"{k} {v}" for k, v in values.items())
@@ -571,15 +578,21 @@ class Trainer:
         )
         self.partial = {}
         self.history.append(row)
-        primary = self.task.kind.primary
-        candidates = [(self.model, "model", model_metrics)]
-        if ema_metrics is not None:
-            candidates.append((self.ema.module, "ema", ema_metrics))
-        module, source, metrics = max(candidates, key=lambda c: c[2][primary])
         best = None
-        if not self.best or metrics[primary] > self.best["value"]:
-            self.best = {"metric": primary, "value": metrics[primary], "epoch": self.epoch, "weights": source}
-            best = (module, source, metrics)
+        if model_metrics is not None:
+            primary = self.task.kind.primary
+            candidates = [(self.model, "model", model_metrics)]
+            if ema_metrics is not None:
+                candidates.append((self.ema.module, "ema", ema_metrics))
+            module, source, metrics = max(candidates, key=lambda c: c[2][primary])
+            if not self.best or metrics[primary] > self.best["value"]:
+                self.best = {
+                    "metric": primary,
+                    "value": metrics[primary],
+                    "epoch": self.epoch,
+                    "weights": source,
+                }
+                best = (module, source, metrics)
         self._save(model_metrics, ema_metrics, best)
         if self.context.is_main:
             write_csv(self.history, self.run_dir / "metrics.csv")

@@ -159,9 +159,10 @@ def plot_curves(history: Sequence[dict[str, Any]], run_dir: Path, metric_names: 
     for filename, (ylabel, keys) in panels.items():
         figure, axis = plt.subplots(figsize=(6, 4))
         for key in keys:
-            values = [row.get(key) for row in history]
-            if any(value is not None for value in values):
-                axis.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=key)
+            # Epochs that were not validated have no value: plotted points are joined across them.
+            points = [(epoch, row[key]) for epoch, row in zip(epochs, history) if row.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=key)
         axis.set_xlabel("epoch")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
