@@ -61,6 +61,7 @@ def test_a_config_file_cannot_resume_or_name_another_config(tmp_path: Path) -> N
         ("--lr", "inf", "--lr must be a finite number, got inf"),
         ("--lr", "0", "--lr must lie in (0, inf], got 0.0"),
         ("--limit-val", "0", "--limit-val must lie in [1, inf], got 0"),
+        ("--val-interval", "0", "--val-interval must lie in [1, inf], got 0"),
         ("--batch-size", "0", "--batch-size must lie in [1, inf], got 0"),
         ("--scale", "0.5 1.5", "--scale must lie in (0, 1], got 1.5"),
         ("--scale", "1 0.5", "--scale takes MIN then MAX, got 1.0 > 0.5"),
