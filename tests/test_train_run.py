@@ -21,6 +21,7 @@ FAST_RUN = [
     "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--warmup-epochs", "0",
     "--limit-train", "640", "--log-interval", "5",
 ]  # fmt: skip
+TINY_RUN = [arg if arg != "640" else "64" for arg in FAST_RUN]  # when only the run's mechanics matter
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +148,8 @@ def test_json_prints_the_outcome_on_stdout_and_logs_on_stderr(
     run_args = ["--epochs", "4", "--json"]
     assert main(["train", "--resume", str(digits_run.parent / "copy"), *run_args]) == 2  # no such run
     capsys.readouterr()
-    fast = [arg if arg != "640" else "64" for arg in FAST_RUN]
-    assert (
-        main(["train", *fast, "--epochs", "1", "--output", str(tmp_path), "--experiment", "j", "--json"]) == 0
-    )
+    args = [*TINY_RUN, "--epochs", "1", "--output", str(tmp_path), "--experiment", "j", "--json"]
+    assert main(["train", *args]) == 0
     captured = capsys.readouterr()
     outcome = json.loads(captured.out)
     assert outcome["run_dir"] == str(tmp_path / "j") and outcome["epochs"] == 1
@@ -162,8 +161,7 @@ def test_json_prints_the_outcome_on_stdout_and_logs_on_stderr(
 def test_val_interval_validates_every_nth_and_the_last_epoch(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    fast = [arg if arg != "640" else "64" for arg in FAST_RUN]
-    args = [*fast, "--epochs", "5", "--val-interval", "2", "--model-ema", "--output", str(tmp_path)]
+    args = [*TINY_RUN, "--epochs", "5", "--val-interval", "2", "--model-ema", "--output", str(tmp_path)]
     assert main(["train", *args, "--experiment", "v"]) == 0
     log = capsys.readouterr().out
     with open(tmp_path / "v" / "metrics.csv") as handle:

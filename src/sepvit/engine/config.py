@@ -151,7 +151,7 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
             span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
             raise ConfigError(f"{flag_name(name)} must lie in {span}, got {item}")
     if meta.get("ordered") and value[0] > value[1]:
-        first, second = meta["metavar"]
+        first, second = meta.get("metavar") or ("MIN", "MAX")
         raise ConfigError(f"{flag_name(name)} takes {first} then {second}, got {value[0]} > {value[1]}")
     choices = meta.get("choices")
     if choices is not None and value not in choices:

@@ -116,8 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # rate reaches zero); 0.999 is a ceiling. Evaluation zooms in as the training crops do (centre
     # crop of 0.875 of the image enlarged to 32 px): on digits-val that cut the errors of 16 trained
     # models by 30% (docs/training.md). Chosen on the digits-val split. Validating every tenth epoch
-    # instead of every one saves a tenth of the time and changes no weight (evaluation draws no
-    # random numbers the training uses).
+    # instead of every one saves a few seconds and changes no weight (evaluation draws no random
+    # numbers the training uses).
     "digits-demo": {
         "model": "sepvit_lite",
         "data": "digits",
