@@ -211,3 +211,17 @@ def test_checkpoint_messages_name_the_real_problem(tmp_path: Path, monkeypatch: 
 def test_outputs_of_inputs_with_the_same_stem_do_not_collide() -> None:
     paths = [Path("a/cat.jpg"), Path("b/cat.png"), Path("c/dog.jpg"), Path("d/cat.png")]
     assert output_names(paths, ".png") == ["cat.jpg.png", "cat.png.png", "dog.png", "cat.png-2.png"]
+
+
+def test_an_ordered_option_without_a_metavar_names_min_then_max() -> None:
+    import dataclasses
+
+    from sepvit.engine.config import TrainConfig, option
+    from sepvit.errors import ConfigError
+
+    @dataclasses.dataclass
+    class SpanConfig(TrainConfig):
+        span: tuple[float, float] = option((0.0, 1.0), "a range", ordered=True, nargs=2)
+
+    with pytest.raises(ConfigError, match=r"^--span takes MIN then MAX, got 2\.0 > 1\.0$"):
+        SpanConfig(span=(2.0, 1.0))
