@@ -84,6 +84,19 @@ def test_onednn_guards_fall_back_to_the_plain_computation(onednn_calls):
     assert onednn_calls == []
 
 
+@pytest.mark.skipif(torch.float32 not in forms.onednn_linear_dtypes(), reason="no oneDNN linear")
+def test_cpu_inference_form_compiles_to_the_plain_computation(onednn_calls):
+    """``torch.compile`` traces the plain linear: Inductor cannot lower oneDNN's on unfrozen weights."""
+    ours, theirs = mlp_and_timm_twin()
+    prepare_for(ours, "cpu_inference")
+    x = torch.randn(2, 5, 7, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), theirs(x), **TOL)
+        assert onednn_calls == []
+        ours(x)
+    assert onednn_calls == ["gelu", "none"]  # eager, the same layers still run oneDNN
+
+
 def test_without_a_working_onednn_operator_the_plain_layers_stay(monkeypatch):
     monkeypatch.setattr(forms, "onednn_linear_dtypes", lambda: frozenset())
     monkeypatch.setattr("sepvit.layers.forms.onednn_linear_dtypes", lambda: frozenset())

@@ -4,7 +4,7 @@ Models are built with the plain forms. ``prepare_for(model, form)`` swaps, once,
 ``sepvit.layers`` in ``model`` for its form (a subclass with the same parameters and another
 ``forward``, see :mod:`sepvit.layers.fused_linear`); layers of other libraries are left alone, so it
 applies to any model. Nothing is decided per call except the oneDNN layers' guards (device, dtype,
-autocast, autograd), which fall back to the plain computation.
+autocast, autograd, ``torch.compile``), which fall back to the plain computation.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def prepare_for(model: ModuleT, form: Form, *, dynamic_size: bool = True) -> Mod
       and device, ``torch.compile``, TorchScript, ``torch.fx``, FLOP counting.
     * ``"cpu_inference"``: linears (and the MLP's first linear with its GELU) as single oneDNN calls
       with the bias fused in, where this PyTorch build has the operator for the input's dtype;
-      elsewhere (autograd, autocast, another device or dtype) the same layers compute the plain form.
+      elsewhere (autograd, autocast, ``torch.compile``, another device or dtype) the same layers
+      compute the plain form.
     * ``"export"``: the forms ONNX Runtime fuses, for ``torch.export``; with ``dynamic_size`` the
       window code pads, masks and resizes at every size, so that one graph serves every input size
       (``dynamic_size=False`` gives the leaner graph of the traced size only).

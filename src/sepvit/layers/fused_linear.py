@@ -13,7 +13,8 @@ other forms are subclasses with the same parameters (state dicts never change) a
   caches (a 16 × 56 × 56 × 384 MLP hidden map is 77 MiB). The oneDNN operator is private
   (``torch.ops.mkldnn._linear_pointwise``) and has no autograd, so it runs only where it was probed
   to exist and agree with ``F.linear`` (per dtype), on CPU inputs of the weight's dtype, outside
-  autocast and without autograd; anywhere else these layers compute the plain form.
+  autocast, without autograd and outside ``torch.compile`` (which sees the plain form); anywhere
+  else these layers compute the plain form.
 * ``"export"``: :class:`ExportLinear`, :class:`ExportMlp`, :class:`ExportGelu` and
   :class:`ExportScaledDotProductAttention` are written in the forms ONNX Runtime fuses: a linear on
   a 2-D view is one ``Gemm`` with the bias inside (on more dimensions it is ``MatMul`` then ``Add``),
@@ -104,8 +105,11 @@ def onednn_linear_dtypes() -> frozenset[torch.dtype]:
 
 def onednn_applies(x: Tensor, layer: nn.Linear) -> bool:
     """True where the fused oneDNN operator computes exactly what ``layer(x)`` would."""
+    # Checked first, so that Dynamo traces no further: Inductor can lower the operator only for frozen
+    # weights (its ``freezing`` option), and there it fuses plain linears into it by itself.
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
         and x.dtype == layer.weight.dtype
         and x.dtype in onednn_linear_dtypes()
         and not torch.is_autocast_enabled("cpu")
