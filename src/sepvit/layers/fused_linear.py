@@ -106,7 +106,7 @@ def onednn_linear_dtypes() -> frozenset[torch.dtype]:
 def onednn_applies(x: Tensor, layer: nn.Linear) -> bool:
     """True where the fused oneDNN operator computes exactly what ``layer(x)`` would."""
     # Checked first, so that Dynamo traces no further: Inductor can lower the operator only for frozen
-    # weights (its ``freezing`` option), and there it fuses plain linears into it by itself.
+    # weights (its ``freezing`` option), and there it packs plain linears for its own kernels anyway.
     return (
         not torch.compiler.is_compiling()
         and x.device.type == "cpu"
