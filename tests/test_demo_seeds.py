@@ -66,7 +66,7 @@ def test_two_short_seeds_report_per_seed_results_summary_and_baselines(tmp_path:
     report_path = tmp_path / "seeds.json"
     result = run_script(
         "--seeds", "0-1", "--data", DIGITS_VAL, "--output", str(tmp_path / "runs"),
-        "--json", str(report_path), *SHORT_DEMO,
+        "--json", str(report_path), "--ensembles", "2", *SHORT_DEMO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     report = json.loads(report_path.read_text())
@@ -100,6 +100,28 @@ def test_two_short_seeds_report_per_seed_results_summary_and_baselines(tmp_path:
     assert f"min {summary['min']:.2f}%, max {summary['max']:.2f}%" in screen
     assert f"{fixed['top1']:.2f}% validation top-1" in screen
 
+    # The pair's averaged probabilities, recomputed here from each run's own evaluation: the
+    # helper's single-seed errors are the demo's own, and the pair's are the argmax of the mean.
+    script = load_script()
+    probabilities = []
+    for run in runs:
+        seed_probabilities, labels = script.evaluation_probabilities(
+            tmp_path / "runs" / f"seed{run['seed']}", DIGITS_VAL
+        )
+        assert seed_probabilities.shape == (288, 10)
+        assert int((seed_probabilities.argmax(-1) != labels).sum()) == run["errors"]
+        probabilities.append(seed_probabilities.numpy())
+    pair_errors = int((np.mean(probabilities, axis=0).argmax(-1) != labels.numpy()).sum())
+    (pair,) = report["ensembles"]
+    assert pair == {
+        "size": 2,
+        "ensembles": 1,
+        "errors": {str(pair_errors): 1},
+        "mean": pair_errors,
+        "max": pair_errors,
+    }
+    assert f"ensembles of 2 seeds (their probabilities averaged), all 1: errors {pair_errors} ×1" in screen
+
 
 def test_a_failing_run_is_reported_and_the_script_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture
@@ -109,8 +131,16 @@ def test_a_failing_run_is_reported_and_the_script_exits_1(
     assert "| 3 | failed: exit code 2: " in screen and "--epochs must lie in [1, inf], got 0" in screen
 
 
-@pytest.mark.parametrize("seeds", [["2-x"], ["1", "0-2"]])
-def test_bad_seeds_are_refused(seeds: list[str], capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--seeds", "2-x"], "bad seed"),
+        (["--seeds", "1", "0-2"], "seeds must be given once each"),
+        (["--seeds", "0-1", "--ensembles", "3"], "--ensembles takes sizes from 2 to the number of seeds (2)"),
+        (["--seeds", "0-1", "--ensembles", "1"], "--ensembles takes sizes from 2"),
+    ],
+)
+def test_bad_options_are_refused(arguments: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["--seeds", *seeds])
-    assert exit_info.value.code == 2 and "seed" in capsys.readouterr().err
+        load_script().main(arguments)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
