@@ -50,17 +50,18 @@ def test_grad_cam_map_and_overlay() -> None:
 
 
 def reference_cam(model: torch.nn.Module, image: torch.Tensor, target: int) -> np.ndarray:
-    """Grad-CAM by its definition: ReLU of the last stage's channels weighted by their mean gradient,
-    bilinearly resized to the image, scaled to [0, 1]."""
-    from sepvit.explain.gradcam import last_stage
-
+    """Grad-CAM by its definition: ReLU of a stage's channels weighted by their mean gradient,
+    bilinearly resized to the image, scaled to [0, 1]; the stage is the deepest whose map is 4 × 4 or
+    more (at 64 px: the third, 4 × 4)."""
+    stages = model.stages if hasattr(model, "stages") else model.layers
     outputs = []
-    handle = last_stage(model).register_forward_hook(lambda module, args, output: outputs.append(output))
+    handle = stages[2].register_forward_hook(lambda module, args, output: outputs.append(output))
     score = model.eval()(image)[0, target]
     handle.remove()
     (stage,) = outputs
     (gradient,) = torch.autograd.grad(score, stage)
-    if stage.shape[-1] == model.num_features:  # NHWC stages (Swin)
+    assert stage.shape[-1] == 4 or stage.shape[-2:-1] == (4,)
+    if stage.shape[-1] == model.feature_info[2]["num_chs"]:  # NHWC stages (Swin)
         stage, gradient = stage.permute(0, 3, 1, 2), gradient.permute(0, 3, 1, 2)
     cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * stage).sum(dim=1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
@@ -77,6 +78,15 @@ def test_grad_cam_follows_its_definition_whatever_the_stage_layout(name) -> None
     image = torch.rand(1, 3, 64, 64)
     heat = grad_cam(model, image, target=3)
     np.testing.assert_allclose(heat, reference_cam(model, image, 3), atol=0.02)
+
+
+def test_grad_cam_takes_the_deepest_stage_of_at_least_four_by_four() -> None:
+    from sepvit.explain.gradcam import cam_stage
+
+    model = timm.create_model("sepvit_lite", img_size=(32, 192))
+    for size, stage in (((224, 224), 3), ((28, 28), 1), ((32, 192), 1), ((64, 64), 2), ((8, 8), 0)):
+        chosen, channels = cam_stage(model, *size)
+        assert chosen is model.stages[stage] and channels == model.feature_info[stage]["num_chs"], size
 
 
 def test_square_centred_on_the_centre_pixels_cell():

@@ -62,7 +62,7 @@ def test_overlays_and_receptive_field(tmp_path, images, capsys):
     for when in ("trained", "initialisation"):
         assert 0 < field[when]["stage1"] < field[when]["stage3"] < 1
 
-    local = write_checkpoint(tmp_path / "local.safetensors", local_only=True, block_plan="D,D,D,D")
+    local = write_checkpoint(tmp_path / "local.safetensors", window_attention="local", block_plan="D,D,D,D")
     assert main(["explain", local, images[0], "--output", str(tmp_path / "local")]) == 0
     assert "a_gradcam.png" in capsys.readouterr().out
     assert sorted(path.name for path in (tmp_path / "local").iterdir()) == ["a_gradcam.png"]  # no PSA

@@ -254,3 +254,54 @@ def test_psa_attention_weights_are_what_its_forward_applies():
     values = windows.unflatten(-1, (2, 4)).permute(0, 3, 1, 2, 4)  # (B, heads, N, P, C / heads)
     expected = torch.einsum("bhnm,bhmpc->bhnpc", weights, values) + values
     torch.testing.assert_close(psa(tokens, windows), expected, **TOL)
+
+
+def swin_may_attend(height: int, width: int, window: int, shift: int) -> torch.Tensor:
+    """(H*W, H*W) pairs of pixels that SW-MSA lets attend to each other, from Swin's definition:
+    the same window of the map shifted by ``shift`` and on the same side of the wrap, along both axes
+    (an axis with a single window is not shifted)."""
+
+    def same_group(size: int) -> torch.Tensor:
+        padded = math.ceil(size / window) * window
+        step = shift if padded > window else 0
+        position = torch.arange(size)
+        shifted_window = ((position - step) % padded) // window
+        wrapped = position < step
+        return (shifted_window[:, None] == shifted_window[None, :]) & (wrapped[:, None] == wrapped[None, :])
+
+    rows, cols = same_group(height), same_group(width)
+    return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(height * width, height * width)
+
+
+@pytest.mark.parametrize("size", [(8, 12), (10, 13), (2, 12), (1, 6)])  # whole, overhanging, one row
+def test_shifted_window_attention_is_masked_global_attention(size):
+    torch.manual_seed(0)
+    shifted = (
+        swa.LocalWindowAttention(8, 2, 2, shift_size=1)
+        if size[0] <= 2
+        else swa.LocalWindowAttention(8, 2, 4, shift_size=2).eval()
+    )
+    x = torch.randn(2, *size, 8)
+    allowed = swin_may_attend(*size, shifted.window_size, shifted.shift_size)
+    for image in range(2):
+        tokens = x[image].flatten(0, 1)
+        heads = []
+        q, k, v = (tokens @ shifted.qkv.weight.T + shifted.qkv.bias).split(8, dim=-1)
+        for h in range(2):
+            part = slice(4 * h, 4 * h + 4)
+            scores = (q[:, part] @ k[:, part].T / 2).masked_fill(~allowed, float("-inf"))
+            heads.append(scores.softmax(dim=-1) @ v[:, part])
+        expected = shifted.proj(torch.cat(heads, dim=-1) + tokens).view(*size, 8)
+        torch.testing.assert_close(shifted(x)[image], expected, **TOL)
+
+
+def test_shifted_window_attention_reaches_across_window_borders():
+    torch.manual_seed(0)
+    plain = swa.LocalWindowAttention(8, 2, 4).eval()
+    shifted = swa.LocalWindowAttention(8, 2, 4, shift_size=2).eval()
+    shifted.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 8, 8, 8)
+    changed = x.clone()
+    changed[0, 4, 4] += 1.0  # first pixel of the bottom-right window
+    assert torch.equal(plain(x)[0, 3, 3], plain(changed)[0, 3, 3])  # another window: untouched
+    assert not torch.allclose(shifted(x)[0, 3, 3], shifted(changed)[0, 3, 3])  # one shifted window

@@ -267,15 +267,51 @@ def test_local_only_stage_one_sees_nothing_beyond_neighbouring_windows():
         assert before.shape[-2:] == (32, 32)  # an 8×8 grid of 4×4 windows, as at 224 with 7×7 ones
         return (after[..., :4, :4] - before[..., :4, :4]).abs().max().item()
 
-    assert first_window_change(local_only=True, block_plan="D,D,D,D") == 0.0
+    assert first_window_change(window_attention="local", block_plan="D,D,D,D") == 0.0
     assert first_window_change() > 1e-3
-    local = timm.create_model("sepvit_lite", local_only=True, block_plan="D,D,D,D")
+    local = timm.create_model("sepvit_lite", window_attention="local", block_plan="D,D,D,D")
     assert not [name for name, _ in local.named_parameters() if "window_tokens" in name or ".psa." in name]
     with torch.no_grad():  # TorchScript and torch.fx take the local-only model as they take SepViT
         x = torch.randn(1, 3, 97, 131)
         with timm.layers.set_layer_config(scriptable=True):
             scripted = torch.jit.script(
-                timm.create_model("sepvit_lite", local_only=True, block_plan="D,D,D,D").eval()
+                timm.create_model("sepvit_lite", window_attention="local", block_plan="D,D,D,D").eval()
             )
         scripted.load_state_dict(local.state_dict())
         torch.testing.assert_close(scripted(x), local.eval()(x))
+
+
+def test_swin_baseline_shifts_every_second_block_of_a_stage():
+    """``window_attention="shifted"``: blocks 0, 2, ... attend inside windows, blocks 1, 3, ... inside
+    windows shifted by half a window (which changes the outputs from the local-only model's with the
+    same weights), the far corner stays out of reach in stage 1; TorchScript gives the eager outputs."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=128, window_size=4, block_plan="D,D,D,D", depths=(2, 2, 2, 2))
+    model = timm.create_model("sepvit_lite", window_attention="shifted", **kwargs).eval()
+    shifts = [[block.attn.shift_size for block in stage.blocks] for stage in model.stages[:3]]
+    assert shifts == [[0, 2], [0, 2], [0, 2]]
+    x = torch.randn(1, 3, 128, 128)
+
+    def first_window_change(top: int, left: int) -> float:
+        changed = x.clone()
+        changed[..., top : top + 16, left : left + 16] = torch.randn(1, 3, 16, 16)
+        with torch.no_grad():
+            (before,), (after,) = (
+                model.forward_intermediates(image, indices=[0], intermediates_only=True)
+                for image in (x, changed)
+            )
+        return (after[..., :4, :4] - before[..., :4, :4]).abs().max().item()
+
+    assert first_window_change(112, 112) == 0.0
+    local = timm.create_model("sepvit_lite", window_attention="local", **kwargs).eval()
+    local.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(local(x), model(x), atol=1e-4)
+    with torch.no_grad(), timm.layers.set_layer_config(scriptable=True):
+        scripted = torch.jit.script(
+            timm.create_model("sepvit_lite", window_attention="shifted", **kwargs).eval()
+        )
+    scripted.load_state_dict(model.state_dict())
+    image = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(image), model(image))

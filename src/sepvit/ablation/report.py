@@ -1,14 +1,27 @@
-"""``docs/paper_claims.md`` and the plots, generated from the study's records.
+"""The claims page and the plots, generated from the study's records by rules stated before the runs.
 
-Each claim of the paper's Tables 5–7 and Figure 4 is a comparison of two variants on one measure
-(test top-1, training throughput, or the effective receptive field). Ours is the difference of the
-seed means; it reproduces the paper's direction when it has the paper's sign and is at least two
-standard deviations (the pooled standard deviation over seeds of the two variants,
-``sqrt((s_a² + s_b²) / 2)``); a smaller difference is reported as such, not as a result either way.
+Each claim of the paper's Tables 5 and 6 and Figure 4 compares two variants on one measure. Ours is
+the mean of the paired differences (seed s of one variant minus seed s of the other) with its 95%
+t-interval, judged against the protocol's smallest effect of interest δ (3 top-1 points; 0.05 of
+gradient share for the receptive field), in this order:
+
+1. ``baseline failed``: a variant of the pair missed the control gate (a seed of the single-digit
+   control under ``Protocol.control_gate``), so its task result says nothing about its attention.
+2. ``not comparable``: fewer than two paired seeds.
+3. ``equivalent``: the interval lies inside (-δ, +δ): any difference is smaller than what matters.
+4. ``reproduces``: the interval lies above 0 (the paper's direction).
+5. ``contradicts``: the interval lies below 0.
+6. ``not resolved``: anything else.
+
+Throughput comes from :func:`sepvit.ablation.runner.measure_speeds` (every variant alone in one
+process, interleaved rounds): ``reproduces`` when the slowest round of the paper's faster variant
+beats the fastest round of the other, ``contradicts`` the other way round, else ``not resolved``;
+it is never set against the paper's GPU figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -17,261 +30,386 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sepvit.ablation.study import VARIANTS
+from sepvit.ablation.study import CONTROL_TASK, FAMILIES, MAIN_TASK, VARIANTS, Protocol
+from sepvit.ablation.tasks import NUM_CLASSES, pooled_evidence_ceiling
 from sepvit.engine.files import make_folder, write_text
 from sepvit.engine.reporting import pyplot, save_figure
+from sepvit.errors import ConfigError
 
-PAIR, SINGLE = "pair-sum", "single"
 MEASURES = {
     "top1": "test top-1 (%)",
-    "images_per_s": "training img/s",
-    "erf_trained": "ERF after stage 3, trained",
-    "erf_init": "ERF after stage 3, at initialisation",
     "erf_stage1_trained": "ERF after stage 1, trained",
     "erf_stage1_init": "ERF after stage 1, at initialisation",
+    "erf_stage2_trained": "ERF after stage 2, trained",
+    "erf_stage2_init": "ERF after stage 2, at initialisation",
 }
-
-# The paper's rows (SepViT-T on ImageNet-1K): params (M), FLOPs (G), throughput (img/s), top-1 (%).
-PAPER_ROWS: dict[str, tuple[str, float, float, float, float]] = {
-    "swin": ("Swin-T+CPVT (Table 5)", 28.0, 4.4, 704, 81.2),
-    "dssa": ("DSSA (Table 5)", 32.1, 4.4, 740, 82.2),
-    "dssa-gsa": ("DSSA + GSA (Table 5)", 31.2, 4.5, 729, 82.5),
-    "sepvit": ("DSSA + GSA + LWT; Win_Tokens; (D, D&G, D&G, D)", 31.2, 4.5, 729, 82.7),
-    "avgpool": ("Avg_Pooling (Table 6)", 31.2, 4.5, 734, 82.2),
-    "dwconv": ("Dw_Conv (Table 6)", 31.3, 4.5, 720, 82.3),
-    "plan-dddd": ("(D, D, D, D) (Table 7)", 32.1, 4.4, 740, 82.2),
-    "plan-d-d-dg-d": ("(D, D, D&G, D) (Table 7)", 31.2, 4.5, 733, 82.4),
-    "plan-d-gd-gd-d": ("(D, G&D, G&D, D) (Table 7)", 31.2, 4.5, 729, 82.3),
-}
+ERF_EFFECT = 0.05  # smallest difference of gradient share that matters
+CHANCE = 100 / NUM_CLASSES
+CUE_BLIND = 55.0  # a model that ignores the cue (tasks.pooled_evidence_ceiling's docstring)
 
 
 @dataclass(frozen=True)
 class Claim:
-    """``better`` beats ``worse`` on ``measure`` (``same``: they are about equal) on ``task``."""
+    """``better`` beats ``worse`` on ``measure`` of the main task, as the paper says."""
 
     source: str
     statement: str
     better: str
     worse: str
     measure: str = "top1"
-    task: str = PAIR
-    paper: tuple[float, float] | None = None  # the paper's values of better and worse
-    same: bool = False
+    paper: tuple[float, float] | None = None  # the paper's top-1 of better and worse (ImageNet)
 
 
 CLAIMS: tuple[Claim, ...] = (
-    Claim("Table 5", "DSSA alone beats the Swin baseline", "dssa", "swin", paper=(82.2, 81.2)),
-    Claim(
-        "Table 5", "DSSA is faster than the Swin baseline", "dssa", "swin", "images_per_s", paper=(740, 704)
-    ),
-    Claim("Table 5", "adding GSA to DSSA helps", "dssa-gsa", "dssa", paper=(82.5, 82.2)),
-    Claim("Table 5", "learnable window tokens beat zero ones", "sepvit", "dssa-gsa", paper=(82.7, 82.5)),
+    Claim("Table 5", "DSSA beats Swin + CPVT", "dssa", "swin-cpvt", paper=(82.2, 81.2)),
+    Claim("Table 5", "GSA and learnable window tokens improve on DSSA", "sepvit", "dssa", paper=(82.7, 82.2)),
+    Claim("Table 5", "SepViT beats Swin + CPVT", "sepvit", "swin-cpvt", paper=(82.7, 81.2)),
     Claim("Table 6", "window tokens beat average pooling", "sepvit", "avgpool", paper=(82.7, 82.2)),
     Claim("Table 6", "window tokens beat a depthwise convolution", "sepvit", "dwconv", paper=(82.7, 82.3)),
-    Claim("Table 7", "(D, D&G, D&G, D) beats (D, D, D, D)", "sepvit", "plan-dddd", paper=(82.7, 82.2)),
-    Claim("Table 7", "(D, D&G, D&G, D) beats (D, D, D&G, D)", "sepvit", "plan-d-d-dg-d", paper=(82.7, 82.4)),
-    Claim(
-        "Table 7", "(D, D&G, D&G, D) beats (D, G&D, G&D, D)", "sepvit", "plan-d-gd-gd-d", paper=(82.7, 82.3)
-    ),
-    Claim("Figure 4", "SepViT sees a wider range than Swin (trained)", "sepvit", "swin", "erf_trained"),
-    Claim(
-        "Figure 4", "SepViT sees a wider range than local-only (trained)", "sepvit", "local", "erf_trained"
-    ),
-    Claim(
-        "Figure 4", "SepViT sees a wider range than Swin (at initialisation)", "sepvit", "swin", "erf_init"
-    ),
-    Claim("Figure 4", "SepViT sees a wider range than local-only (at init.)", "sepvit", "local", "erf_init"),
-    Claim(
-        "Figure 4",
-        "SepViT's first stage reaches beyond a window, unlike local-only (trained)",
-        "sepvit",
-        "local",
-        "erf_stage1_trained",
-    ),
-    Claim(
-        "Figure 4",
-        "SepViT's first stage reaches beyond a window, unlike Swin (trained)",
-        "sepvit",
-        "swin",
-        "erf_stage1_trained",
-    ),
-    Claim("task", "interaction among windows helps on pair-sum", "sepvit", "local"),
-    Claim(
-        "control",
-        "on the single-digit task SepViT and local-only are equal",
-        "sepvit",
-        "local",
-        task=SINGLE,
-        same=True,
-    ),
-    Claim(
-        "control",
-        "on the single-digit task SepViT and Swin are equal",
-        "sepvit",
-        "swin",
-        task=SINGLE,
-        same=True,
-    ),
-)
+    Claim("task", "interaction among windows beats local-only attention", "sepvit", "local"),
+    Claim("Figure 4", "SepViT's stage 1 sees further than Swin + CPVT's, trained", "sepvit", "swin-cpvt",
+          "erf_stage1_trained"),
+    Claim("Figure 4", "SepViT's stage 2 sees further than Swin + CPVT's, trained", "sepvit", "swin-cpvt",
+          "erf_stage2_trained"),
+    Claim("Figure 4", "SepViT's stage 1 sees further than Swin + CPVT's, at init.", "sepvit", "swin-cpvt",
+          "erf_stage1_init"),
+    Claim("Figure 4", "SepViT's stage 2 sees further than Swin + CPVT's, at init.", "sepvit", "swin-cpvt",
+          "erf_stage2_init"),
+    Claim("Figure 4", "SepViT's stage 1 sees further than local-only, trained", "sepvit", "local",
+          "erf_stage1_trained"),
+    Claim("Figure 4", "SepViT's stage 2 sees further than local-only, trained", "sepvit", "local",
+          "erf_stage2_trained"),
+)  # fmt: skip
+SPEED_CLAIM = Claim("Table 5", "DSSA trains faster than Swin + CPVT", "dssa", "swin-cpvt", "train")
+
+# t quantiles (two-sided 95%) by degrees of freedom; beyond the table the normal 1.96 is close enough.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}  # fmt: skip
+
+
+def t_quantile(freedom: int) -> float:
+    known = [df for df in T_975 if df <= freedom]
+    return T_975[max(known)] if freedom <= 29 else 1.96
 
 
 @dataclass(frozen=True)
-class Summary:
+class Interval:
     mean: float
-    std: float  # sample standard deviation over seeds (0 for one seed)
+    low: float
+    high: float
     count: int
 
     @classmethod
-    def of(cls, values: list[float]) -> Summary:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return cls(statistics.fmean(values), std, len(values))
+    def of(cls, values: list[float]) -> Interval:
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return cls(mean, math.nan, math.nan, len(values))
+        half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        return cls(mean, mean - half, mean + half, len(values))
+
+    def shown(self, digits: int) -> str:
+        if self.count < 2:
+            return f"{self.mean:.{digits}f} (n={self.count})"
+        return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] (n={self.count})"
 
 
-def summaries(records: Iterable[dict[str, Any]], measure: str) -> dict[tuple[str, str], Summary]:
-    """(task, variant) -> mean and std over seeds of ``measure``, over the records that have it."""
-    groups: dict[tuple[str, str], list[float]] = {}
-    for record in records:
-        value = record.get(measure)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            groups.setdefault((record["task"], record["variant"]), []).append(float(value))
-    return {key: Summary.of(values) for key, values in groups.items()}
+def main_records(records: Iterable[dict[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in records
+        if r["protocol"] == protocol.name and r["data_seed"] == protocol.data_seed and r["phase"] == "main"
+    ]
 
 
-def verdict(claim: Claim, better: Summary, worse: Summary) -> str:
-    """Whether our difference goes the paper's way, at two pooled standard deviations."""
-    if min(better.count, worse.count) < 2:
-        return "fewer than 2 seeds: no verdict"
-    difference = better.mean - worse.mean
-    spread = math.sqrt((better.std**2 + worse.std**2) / 2)
-    within = abs(difference) < 2 * spread or difference == 0
-    if claim.same:
-        return "reproduces (difference < 2 std)" if within else "does not reproduce (difference ≥ 2 std)"
-    if within:
-        return "difference < 2 std: not resolved"
-    return "reproduces" if difference > 0 else "reversed"
+def by_seed(records: list[dict[str, Any]], task: str, variant: str, measure: str) -> dict[int, float]:
+    return {
+        r["seed"]: float(r[measure])
+        for r in records
+        if r["task"] == task and r["variant"] == variant and isinstance(r.get(measure), (int, float))
+    }
 
 
-def _value(summary: Summary | None, measure: str) -> str:
-    if summary is None:
-        return "not run"
-    digits = 2 if measure == "top1" else (0 if measure == "images_per_s" else 3)
-    return f"{summary.mean:.{digits}f} ± {summary.std:.{digits}f} (n={summary.count})"
+def gate_failures(records: list[dict[str, Any]], protocol: Protocol) -> dict[str, str]:
+    """Variant -> why it fails the control gate (no entry: it passed)."""
+    failures = {}
+    for variant in VARIANTS:
+        control = by_seed(records, CONTROL_TASK, variant, "top1")
+        if not control:
+            failures[variant] = "no control run"
+        elif min(control.values()) < protocol.control_gate:
+            worst = min(control, key=control.get)
+            failures[variant] = f"seed {worst}: {control[worst]:.1f}% < {protocol.control_gate:g}%"
+    return failures
 
 
-def claims_table(records: list[dict[str, Any]]) -> list[str]:
-    tables = {measure: summaries(records, measure) for measure in MEASURES}
+def verdict(claim: Claim, records: list[dict[str, Any]], protocol: Protocol) -> tuple[str, Interval | None]:
+    """The rule of the module docstring for one claim: (verdict, interval of the paired differences)."""
+    failed = gate_failures(records, protocol)
+    if claim.better in failed or claim.worse in failed:
+        return "baseline failed", None
+    better = by_seed(records, MAIN_TASK, claim.better, claim.measure)
+    worse = by_seed(records, MAIN_TASK, claim.worse, claim.measure)
+    paired = sorted(set(better) & set(worse))
+    if len(paired) < 2:
+        return "not comparable", None
+    interval = Interval.of([better[s] - worse[s] for s in paired])
+    effect = protocol.smallest_effect if claim.measure == "top1" else ERF_EFFECT
+    if -effect < interval.low and interval.high < effect:
+        return "equivalent", interval
+    if interval.low > 0:
+        return "reproduces", interval
+    if interval.high < 0:
+        return "contradicts", interval
+    return "not resolved", interval
+
+
+def speed_verdict(speeds: dict[str, Any]) -> str:
+    better, worse = speeds.get(SPEED_CLAIM.better), speeds.get(SPEED_CLAIM.worse)
+    if not better or not worse:
+        return "not comparable"
+    (_, better_low, better_high), (_, worse_low, worse_high) = better["train"], worse["train"]
+    if better_low > worse_high:
+        return "reproduces"
+    if better_high < worse_low:
+        return "contradicts"
+    return "not resolved"
+
+
+def claims_table(records: list[dict[str, Any]], protocol: Protocol, speeds: dict[str, Any]) -> list[str]:
     lines = [
-        "| source | claim | measure | paper | ours: first | ours: second | direction |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| source | claim | measure | paper | ours: paired difference, 95% interval | verdict |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for claim in CLAIMS:
-        table = tables[claim.measure]
-        better, worse = table.get((claim.task, claim.better)), table.get((claim.task, claim.worse))
+        result, interval = verdict(claim, records, protocol)
+        digits = 1 if claim.measure == "top1" else 3
         paper = "—" if claim.paper is None else f"{claim.paper[0]:g} vs {claim.paper[1]:g}"
-        result = "not run" if better is None or worse is None else verdict(claim, better, worse)
+        shown = "—" if interval is None else interval.shown(digits)
         lines.append(
-            f"| {claim.source} | {claim.statement} (`{claim.better}` vs `{claim.worse}`, {claim.task}) | "
-            f"{MEASURES[claim.measure]} | {paper} | {_value(better, claim.measure)} | "
-            f"{_value(worse, claim.measure)} | {result} |"
+            f"| {claim.source} | {claim.statement} (`{claim.better}` − `{claim.worse}`) | "
+            f"{MEASURES[claim.measure]} | {paper} | {shown} | **{result}** |"
         )
+    ratio = "—"
+    if speeds.get("dssa") and speeds.get("swin-cpvt"):
+        ratio = f"×{speeds['dssa']['train'][0] / speeds['swin-cpvt']['train'][0]:.2f} (medians)"
+    lines.append(
+        f"| {SPEED_CLAIM.source} | {SPEED_CLAIM.statement} (`dssa` / `swin-cpvt`) | training img/s on this "
+        f"CPU | faster | {ratio} | **{speed_verdict(speeds)}** |"
+    )
     return lines
 
 
-def variants_table(records: list[dict[str, Any]]) -> list[str]:
-    tables = {measure: summaries(records, measure) for measure in (*MEASURES, "params", "gmacs")}
+def _values(values: dict[int, float]) -> str:
+    return ", ".join(f"{value:.1f}" for _, value in sorted(values.items()))
+
+
+def variants_table(records: list[dict[str, Any]], protocol: Protocol, speeds: dict[str, Any]) -> list[str]:
+    failed = gate_failures(records, protocol)
     lines = [
-        "| variant | task | top-1 (%) | params (M) | GMACs | train img/s | ERF stage 1 trained "
-        "| ERF stage 3 trained | ERF stage 3 init | paper row: params (M), FLOPs (G), img/s, top-1 (%) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| variant | {MAIN_TASK}: test top-1 (%), mean [95% interval] | per seed | control (%) per seed "
+        "| control gate | params (M) | GMACs | train img/s | inference img/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    keys = sorted(tables["top1"], key=lambda key: (key[0], list(VARIANTS).index(key[1])))
-    for task, variant in keys:
-        row = [tables[m].get((task, variant)) for m in ("params", "gmacs")]
-        paper = PAPER_ROWS.get(variant)
-        shown = "—" if paper is None else f"{paper[0]}: {paper[1]}, {paper[2]}, {paper[3]:g}, {paper[4]}"
+    for name in VARIANTS:
+        main = by_seed(records, MAIN_TASK, name, "top1")
+        control = by_seed(records, CONTROL_TASK, name, "top1")
+        if not main and not control:
+            continue
+        mean = "—"
+        if main:
+            interval = Interval.of(list(main.values()))
+            spread = "" if interval.count < 2 else f" [{interval.low:.1f}, {interval.high:.1f}]"
+            mean = f"{interval.mean:.1f}{spread}"
+        sample = next(r for r in records if r["variant"] == name)
+        speed = speeds.get(name)
+        rates = f"{speed['train'][0]:.0f} | {speed['inference'][0]:.0f}" if speed else "— | —"
         lines.append(
-            f"| `{variant}` | {task} | {_value(tables['top1'].get((task, variant)), 'top1')} | "
-            f"{row[0].mean / 1e6:.3f} | {row[1].mean:.3f} | "
-            f"{_value(tables['images_per_s'].get((task, variant)), 'images_per_s')} | "
-            f"{_value(tables['erf_stage1_trained'].get((task, variant)), 'erf_stage1_trained')} | "
-            f"{_value(tables['erf_trained'].get((task, variant)), 'erf_trained')} | "
-            f"{_value(tables['erf_init'].get((task, variant)), 'erf_init')} | {shown} |"
+            f"| `{name}` | {mean} | {_values(main)} | {_values(control)} | {failed.get(name, 'passed')} | "
+            f"{sample['params'] / 1e6:.3f} | {sample['gmacs']:.3f} | {rates} |"
         )
     return lines
 
 
-def plot_results(records: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """``top1.png`` (test top-1 by variant, per task) and ``erf.png`` (range after stages 1 and 3,
-    trained and at initialisation)."""
+def pilot_table(pilot: list[dict[str, Any]], protocol: Protocol, chosen: dict[str, float]) -> list[str]:
+    lines = [
+        "| family (pilot variant) | " + " | ".join(f"lr {lr:g}" for lr in protocol.lrs) + " | chosen |",
+        "| --- | " + " | ".join("---" for _ in protocol.lrs) + " | --- |",
+    ]
+    for family, lr in chosen.items():
+        leader = next(v.name for v in VARIANTS.values() if v.family == family)
+        scores = {r["lr"]: r["val_top1"] for r in pilot if r["variant"] == leader}
+        cells = " | ".join(f"{scores[rate]:.1f}" if rate in scores else "—" for rate in protocol.lrs)
+        lines.append(f"| {family} (`{leader}`) | {cells} | {lr:g} |")
+    return lines
+
+
+def convergence_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per variant: validation top-1 at the last epoch and its change over the last quarter of epochs."""
+    lines = [
+        f"| variant | {MAIN_TASK}: val top-1 at the last epoch (%), mean | change over the last quarter "
+        "of epochs (points), mean [95% interval] |",
+        "| --- | --- | --- |",
+    ]
+    for name in VARIANTS:
+        curves = [r["val_curve"] for r in records if r["task"] == MAIN_TASK and r["variant"] == name]
+        if not curves:
+            continue
+        quarter = len(curves[0]) // 4
+        last = statistics.fmean(curve[-1] for curve in curves)
+        change = Interval.of([curve[-1] - curve[-1 - quarter] for curve in curves]) if quarter else None
+        shown = "—" if change is None else change.shown(1)
+        lines.append(f"| `{name}` | {last:.1f} | {shown} |")
+    return lines
+
+
+def _saved(plt: Any, figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    saved = save_figure(figure, path)
+    plt.close(figure)
+    return saved
+
+
+def plot_top1(records: list[dict[str, Any]], protocol: Protocol, path: Path) -> Path:
+    """Every seed's test top-1 as a dot, the mean and its 95% interval, with chance, the cue task's
+    pooled-evidence ceiling and cue-blind level, and the control gate."""
     plt = pyplot()
-    paths = []
-    for name, measures, title in (
-        ("top1.png", ("top1",), "test top-1 (%), mean ± std over seeds"),
-        (
-            "erf.png",
-            ("erf_stage1_trained", "erf_stage1_init", "erf_trained", "erf_init"),
-            "effective receptive field: input-gradient share beyond the centre unit's window",
-        ),
-    ):
-        figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-        tables = [summaries(records, measure) for measure in measures]
-        width = 0.8 / len(measures)
-        for axis, task in zip(axes, (PAIR, SINGLE)):
-            names = [v for v in VARIANTS if any((task, v) in table for table in tables)]
-            for offset, (measure, table) in enumerate(zip(measures, tables)):
-                shown = [table.get((task, v), Summary(math.nan, 0.0, 0)) for v in names]
-                axis.bar(
-                    [i + (offset - (len(measures) - 1) / 2) * width for i in range(len(names))],
-                    [summary.mean for summary in shown],
-                    width,
-                    yerr=[summary.std for summary in shown],
-                    capsize=3,
-                    color=f"C{offset}",
-                    label=MEASURES[measure],
-                )
-            axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
-            axis.set_title(task)
-        if len(measures) > 1:
-            handles, labels = axes[0].get_legend_handles_labels()
-            figure.legend(handles, labels, loc="lower center", ncol=len(measures), fontsize=8)
-        figure.suptitle(title)
-        figure.tight_layout(rect=(0, 0.06 if len(measures) > 1 else 0, 1, 1))
-        paths.append(save_figure(figure, folder / name))
-        plt.close(figure)
-    return paths
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, task in zip(axes, (MAIN_TASK, CONTROL_TASK)):
+        names = [name for name in VARIANTS if by_seed(records, task, name, "top1")]
+        for index, name in enumerate(names):
+            values = list(by_seed(records, task, name, "top1").values())
+            offsets = [index + 0.12 * (k - (len(values) - 1) / 2) for k in range(len(values))]
+            axis.scatter(offsets, values, s=18, color="C0", alpha=0.7, zorder=3)
+            interval = Interval.of(values)
+            if interval.count > 1:
+                error = [[interval.mean - interval.low], [interval.high - interval.mean]]
+                axis.errorbar(index + 0.4, interval.mean, yerr=error, fmt="o", color="black", capsize=3)
+        axis.axhline(CHANCE, color="grey", linestyle=":", label=f"chance ({CHANCE:g}%)")
+        if task == MAIN_TASK:
+            ceiling = 100 * pooled_evidence_ceiling()
+            axis.axhline(
+                ceiling, color="C3", linestyle="--", label=f"pooled-evidence ceiling ({ceiling:.1f}%)"
+            )
+            axis.axhline(CUE_BLIND, color="C1", linestyle="-.", label=f"ignoring the cue ({CUE_BLIND:g}%)")
+        else:
+            axis.axhline(
+                protocol.control_gate, color="C2", linestyle="--", label=f"gate ({protocol.control_gate:g}%)"
+            )
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        axis.set_ylim(0, 101)
+        axis.set_ylabel("test top-1 (%)")
+        axis.set_title(f"{task}: dots = seeds, black = mean and 95% interval")
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3)
+    return _saved(plt, figure, path)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
+    """Validation top-1 after every epoch: each seed thin, the mean over seeds thick, per task."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for axis, task in zip(axes, (MAIN_TASK, CONTROL_TASK)):
+        for index, name in enumerate(VARIANTS):
+            curves = [r["val_curve"] for r in records if r["task"] == task and r["variant"] == name]
+            if not curves:
+                continue
+            epochs = range(1, len(curves[0]) + 1)
+            for curve in curves:
+                axis.plot(epochs, curve, color=f"C{index}", alpha=0.25, linewidth=0.8)
+            mean = [statistics.fmean(values) for values in zip(*curves)]
+            axis.plot(epochs, mean, color=f"C{index}", linewidth=2, label=name)
+        axis.axhline(CHANCE, color="grey", linestyle=":")
+        axis.set_xlabel("epoch")
+        axis.set_title(f"{task}: validation top-1 (%)")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    return _saved(plt, figure, path)
+
+
+def plot_erf(records: list[dict[str, Any]], path: Path) -> Path:
+    """The receptive-field shares of the models with the same convolutions, every seed a dot."""
+    plt = pyplot()
+    measures = [m for m in MEASURES if m.startswith("erf_")]
+    names = [n for n in VARIANTS if by_seed(records, MAIN_TASK, n, measures[0])]
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(len(names), 1)
+    for index, name in enumerate(names):
+        for position, measure in enumerate(measures):
+            values = list(by_seed(records, MAIN_TASK, name, measure).values())
+            x = position + (index - (len(names) - 1) / 2) * width
+            axis.scatter([x] * len(values), values, s=14, color=f"C{index}", alpha=0.7,
+                         label=name if position == 0 else None)  # fmt: skip
+    axis.set_xticks(range(len(measures)), [MEASURES[m] for m in measures], rotation=15, ha="right")
+    axis.set_ylabel("gradient share outside 3 × 3 windows")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"{MAIN_TASK}: effective receptive field, every seed a dot")
+    axis.legend(fontsize=8)
+    return _saved(plt, figure, path)
 
 
 def write_report(
-    records: list[dict[str, Any]], protocol: str, claims_path: Path, plots_folder: Path, results_path: Path
+    records: list[dict[str, Any]],
+    speeds: dict[str, Any],
+    protocol: Protocol,
+    claims_path: Path,
+    plots_folder: Path,
+    results_path: Path,
+    runs_dir: Path | None = None,
 ) -> list[Path]:
-    """Write the claims page and the plots from the records of ``protocol``; returns the files."""
-    chosen = [record for record in records if record["protocol"] == protocol]
+    """Write the claims page and the plots from the records of ``protocol``, and the pictures of the
+    trained models when their run folders are in ``runs_dir``; returns the files."""
+    from sepvit.ablation.pictures import write_pictures
+    from sepvit.ablation.runner import chosen_lrs
+
+    chosen = main_records(records, protocol)
+    pilot = [
+        r for r in records
+        if r["protocol"] == protocol.name and r["data_seed"] == protocol.data_seed and r["phase"] == "pilot"
+    ]  # fmt: skip
     make_folder(plots_folder, "plots folder")
     make_folder(claims_path.parent, "report folder")
-    plots = plot_results(chosen, plots_folder) if chosen else []
-    seeds = sorted({record["seed"] for record in chosen})
-    relative = [Path(os.path.relpath(path, claims_path.parent)) for path in plots]
+    plots = []
+    if chosen:
+        plots = [
+            plot_top1(chosen, protocol, plots_folder / "top1.png"),
+            plot_curves(chosen, plots_folder / "curves.png"),
+            plot_erf(chosen, plots_folder / "erf.png"),
+        ]
+        if runs_dir is not None:
+            plots += write_pictures(records, protocol, runs_dir, plots_folder)
+    relative = [Path(os.path.relpath(path, claims_path.parent)).as_posix() for path in plots]
+    lrs = {}
+    for family in FAMILIES:
+        with contextlib.suppress(ConfigError):  # a family whose pilot is incomplete has no row
+            lrs.update(chosen_lrs(records, protocol, (family,)))
+    seeds = sorted({r["seed"] for r in chosen if r["task"] == MAIN_TASK})
     lines = [
         "# The paper's claims at small scale",
         "",
-        f"Generated by `sepvit ablate --protocol {protocol}` from `{results_path.name}` "
-        f"({len(chosen)} runs, seeds {', '.join(map(str, seeds)) or 'none'}); see docs/ablations.md for "
-        "the task, the models and the recipe. The paper's numbers are SepViT-T on ImageNet-1K; ours are "
-        "mean ± standard deviation over seeds on the generated tasks. A claim reproduces when our "
-        "difference has the paper's sign and is at least two pooled standard deviations; a smaller one "
-        "is reported as not resolved. ERF, the range of Figure 4 as a number: the share of the centre "
-        "unit's input-gradient mass after stage 1 or 3 outside a square three first-stage windows wide "
-        "around the centre unit's window (`sepvit.explain.window_range`).",
+        f"Generated by `sepvit ablate --protocol {protocol.name}` from `{results_path.name}` "
+        f"({len(chosen)} main runs, seeds {', '.join(map(str, seeds)) or 'none'}, task draw "
+        f"{protocol.data_seed}); docs/ablations.md describes the task, the models, the recipe and the "
+        f"rules. Smallest effect of interest: {protocol.smallest_effect:g} top-1 points, {ERF_EFFECT:g} "
+        f"of gradient share. Control gate: every seed ≥ {protocol.control_gate:g}% on `{CONTROL_TASK}`. "
+        f"Chance {CHANCE:g}%; the pooled-evidence ceiling of `{MAIN_TASK}` "
+        f"{100 * pooled_evidence_ceiling():.1f}%; ignoring the cue {CUE_BLIND:g}%.",
         "",
         "## Claims",
         "",
-        *claims_table(chosen),
+        *claims_table(chosen, protocol, speeds),
         "",
         "## Every variant",
         "",
-        *variants_table(chosen),
+        *variants_table(chosen, protocol, speeds),
         "",
-        *(f"![{path.stem}]({path.as_posix()})" for path in relative),
+        "## Learning rates chosen on the pilot (validation top-1, %, last epoch)",
+        "",
+        *pilot_table(pilot, protocol, lrs),
+        "",
+        "## Convergence",
+        "",
+        *convergence_table(chosen),
+        "",
+        *(f"![{Path(path).stem}]({path})" for path in relative),
         "",
     ]
     write_text(claims_path, "\n".join(lines))

@@ -1,11 +1,13 @@
-"""The ablation study's runs: train every (task, variant, seed) with the engine, record each as it ends.
+"""The ablation study's runs: train every planned run with the engine, record each as it ends.
 
-``results.json`` holds one record per finished run (task, variant, seed, test top-1, params, GMACs,
-training img/s, epochs, seconds, effective receptive field after stages 1 and 3, trained and at
-initialisation: :func:`sepvit.explain.window_range`). It is
-rewritten atomically after every run, so a kill at any instant leaves it whole. A rerun skips the
-runs it records; a run that was interrupted continues from its last checkpoint through the engine's
-exact resume (its run folder under ``runs/``); a run killed before its first checkpoint starts over.
+``results.json`` holds one record per finished run: its key (protocol, data seed, phase, task,
+variant, seed, learning rate), test and validation top-1 of the last epoch, the validation curve and
+training loss of every epoch, params, GMACs, seconds, and the effective receptive field after stages
+1 and 2, trained and at initialisation (:func:`sepvit.explain.window_range`); and, apart, the
+throughput of every variant measured alone (:func:`measure_speeds`). It is rewritten atomically
+after every run, so a kill at any instant leaves it whole. A rerun skips the runs it records (and
+says so); an interrupted run continues from its last checkpoint through the engine's exact resume
+(its run folder under ``runs/``); a run killed before its first checkpoint starts over.
 
 Several processes may share one results file (``shard``: each trains every N-th run of the plan):
 every record is merged in under an exclusive lock on ``results.json.lock``, so none is lost.
@@ -17,7 +19,6 @@ import fcntl
 import json
 import platform
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,14 +28,16 @@ from typing import Any
 
 import torch
 
-from sepvit.ablation.study import VARIANTS, Protocol
+from sepvit.ablation.study import FAMILIES, VARIANTS, Protocol, Variant
 from sepvit.ablation.tasks import write_image_folder
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.files import make_folder, reason, write_text
 from sepvit.engine.reporting import log
 from sepvit.errors import ConfigError, DataError
 
-RECORD_KEY = ("protocol", "task", "variant", "seed")
+ERF_STAGES = {"stage1": 0, "stage2": 1}
+RECORD_KEY = ("protocol", "data_seed", "phase", "task", "variant", "seed", "lr")
+Run = tuple[str, str, int, float]  # task, variant, seed, learning rate
 
 
 @dataclass
@@ -45,37 +48,47 @@ class StudyOutcome:
     exit_code: int  # 0, or 128 + N when signal N stopped a run (its checkpoint was saved)
 
 
+@dataclass
+class Results:
+    """The study's records, and the speed measurements by protocol (``{protocol: {variant: ...}}``)."""
+
+    records: list[dict[str, Any]]
+    speeds: dict[str, Any]
+
+
 def record_key(record: dict[str, Any]) -> tuple:
     return tuple(record[name] for name in RECORD_KEY)
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path) -> Results:
     """The records of ``path`` (none if it does not exist); a damaged file is an error, never replaced."""
     if not path.exists():
-        return []
+        return Results([], {})
     try:
         document = json.loads(path.read_text())
-        records = document["records"]
+        records, speeds = document["records"], document.get("speeds", {})
         for record in records:
             record_key(record)
+        if not isinstance(speeds, dict):
+            raise TypeError("'speeds' is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(
             f"{path} is not a results file of the ablation study ({' '.join(str(error).split())}); "
             "move it away or pass another --results"
         ) from error
-    return records
+    return Results(records, speeds)
 
 
-def write_results(path: Path, records: list[dict[str, Any]]) -> None:
+def write_results(path: Path, results: Results) -> None:
     make_folder(path.parent, "results folder")
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
-    ordered = sorted(records, key=lambda r: (r["protocol"], r["task"], r["variant"], r["seed"]))
-    write_text(path, json.dumps({"machine": machine, "records": ordered}, indent=2) + "\n")
+    ordered = sorted(results.records, key=lambda r: tuple(str(r[name]) for name in RECORD_KEY))
+    document = {"machine": machine, "records": ordered, "speeds": results.speeds}
+    write_text(path, json.dumps(document, indent=1) + "\n")
 
 
 @contextmanager
@@ -93,14 +106,41 @@ def locked(path: Path) -> Iterator[None]:
 def add_record(path: Path, record: dict[str, Any]) -> None:
     """Merge ``record`` into the results file (another process may have added its own meanwhile)."""
     with locked(path):
-        records = [r for r in read_results(path) if record_key(r) != record_key(record)]
-        write_results(path, [*records, record])
+        results = read_results(path)
+        results.records = [r for r in results.records if record_key(r) != record_key(record)]
+        results.records.append(record)
+        write_results(path, results)
+
+
+def protocol_records(records: list[dict[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:
+    return [r for r in records if r["protocol"] == protocol.name and r["data_seed"] == protocol.data_seed]
+
+
+def chosen_lrs(
+    records: list[dict[str, Any]], protocol: Protocol, families: tuple[str, ...] = FAMILIES
+) -> dict[str, float]:
+    """Each family's learning rate: the pilot's best last-epoch validation top-1 (the smaller rate on
+    a tie). The pilot of each of ``families`` must be complete."""
+    pilot = [r for r in protocol_records(records, protocol) if r["phase"] == "pilot"]
+    chosen = {}
+    for family in families:
+        leader = next(v.name for v in VARIANTS.values() if v.family == family)
+        scores = {r["lr"]: r["val_top1"] for r in pilot if r["variant"] == leader}
+        missing = [lr for lr in protocol.lrs if lr not in scores]
+        if missing:
+            rates = ", ".join(f"{lr:g}" for lr in missing)
+            raise ConfigError(
+                f"the pilot of the {family} family has not run at lr {rates}; "
+                "run `sepvit ablate --phase pilot` (or without --phase) first"
+            )
+        chosen[family] = max(protocol.lrs, key=lambda lr: (scores[lr], -lr))
+    return chosen
 
 
 def task_data(protocol: Protocol, task: str, runs_dir: Path) -> Path:
-    """The task's image folder (train/val/test), generated once per protocol and reused."""
+    """The task's image folder (train/val/test), generated once per protocol and data seed, reused."""
     spec = protocol.task_spec(task)
-    root = runs_dir / "data" / f"{task}-{protocol.name}"
+    root = runs_dir / "data" / f"{task}-{protocol.name}-data{protocol.data_seed}"
     try:
         with locked(root):  # one process writes the images, the others wait and reuse them
             return write_image_folder(spec, protocol.sizes, root)
@@ -108,24 +148,27 @@ def task_data(protocol: Protocol, task: str, runs_dir: Path) -> Path:
         raise ConfigError(f"cannot write the {task} task images to {root}: {reason(error)}") from error
 
 
-def run_folder(protocol: Protocol, task: str, variant: str, seed: int, runs_dir: Path) -> Path:
-    return runs_dir / protocol.name / task / variant / f"seed{seed}"
+def run_folder(protocol: Protocol, phase: str, run: Run, runs_dir: Path) -> Path:
+    task, variant, seed, lr = run
+    study = runs_dir / protocol.name / f"data{protocol.data_seed}" / phase
+    return study / task / variant / f"seed{seed}-lr{lr:g}"
 
 
-def receptive_fields(model: torch.nn.Module, init_model: torch.nn.Module, images: torch.Tensor) -> dict:
-    """``erf_trained``, ``erf_init`` (after stage 3) and ``erf_stage1_trained``, ``erf_stage1_init``."""
+def receptive_fields(
+    model: torch.nn.Module, init_model: torch.nn.Module, images: torch.Tensor, cell: int
+) -> dict:
+    """``erf_stage1_trained``, ``erf_stage1_init``, ``erf_stage2_trained``, ``erf_stage2_init``."""
     from sepvit.explain import window_range
 
     fields = {}
     for when, module in (("trained", model), ("init", init_model)):
-        ranges = window_range(module, images)
-        fields[f"erf_{when}"] = ranges["stage3"]
-        fields[f"erf_stage1_{when}"] = ranges["stage1"]
+        for stage, share in window_range(module, images, cell, ERF_STAGES).items():
+            fields[f"erf_{stage}_{when}"] = share
     return fields
 
 
 def train_one(
-    protocol: Protocol, task: str, variant_name: str, seed: int, runs_dir: Path, device: str
+    protocol: Protocol, phase: str, run: Run, runs_dir: Path, device: str
 ) -> tuple[int, dict[str, Any] | None]:
     """Train (or resume) one run and measure it; (exit code, record), the record None if stopped."""
     from sepvit.engine.distributed import single_process
@@ -137,14 +180,15 @@ def train_one(
     from sepvit.train.task import ClassificationTask, classification_loader, evaluate
     from sepvit.utils import count_macs, count_params
 
+    task, variant_name, seed, lr = run
     variant = VARIANTS[variant_name]
     data = task_data(protocol, task, runs_dir)
-    run_dir = run_folder(protocol, task, variant_name, seed, runs_dir)
+    run_dir = run_folder(protocol, phase, run, runs_dir)
     resume = ckpt.RunCheckpoints(run_dir).latest() is not None
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing in it to keep
     config = ClassifyConfig(
-        **protocol.recipe(),
+        **protocol.recipe(lr, protocol.pilot_epochs if phase == "pilot" else protocol.epochs),
         model=variant.factory,
         data=str(data),
         seed=seed,
@@ -160,38 +204,58 @@ def train_one(
 
     context = single_process(device)
     model = classify.model
-    weights, _ = ckpt.read_weights(ckpt.weights_path(run_dir, ckpt.BEST))
-    ckpt.load_strict(model, weights, str(ckpt.weights_path(run_dir, ckpt.BEST)))
+    last = ckpt.weights_path(run_dir, ckpt.LAST)
+    weights, _ = ckpt.read_weights(last)
+    ckpt.load_strict(model, weights, str(last))
     model.to(context.device).eval()
     transform = eval_transform(classify.data_config)
     test_images = ClassificationImages(scan_image_folder(data / "test", classify.classes), transform)
     test = evaluate(model, classification_loader(test_images, protocol.batch_size, 0, context), context)
-    erf_images = torch.stack([test_images[i][0] for i in range(protocol.erf_images)]).to(context.device)
-    seed_everything(seed)  # the engine seeds so before building: the run's own initial weights
-    init_model, _ = create_model(
-        variant.factory, len(classify.classes), protocol.img_size, None, False, architecture
-    )
-    speeds = [row["train_images_per_s"] for row in result.history if row.get("train_images_per_s")]
     record = {
         "protocol": protocol.name,
+        "data_seed": protocol.data_seed,
+        "phase": phase,
         "task": task,
         "variant": variant_name,
         "seed": seed,
+        "lr": lr,
         "top1": test["top1"],
-        "val_top1": result.best.get("value"),
+        "val_top1": result.history[-1]["val_top1"],
+        "val_curve": [row["val_top1"] for row in result.history],
+        "train_loss": [row["train_loss"] for row in result.history],
         "params": count_params(model),
-        "gmacs": count_macs(model, (3, protocol.img_size, protocol.img_size)) / 1e9,
-        "images_per_s": statistics.median(speeds) if speeds else None,
+        "gmacs": count_macs(model, (3, *protocol.img_size)) / 1e9,
         "epochs": len(result.history),
         "seconds": sum(row["epoch_seconds"] for row in result.history),
-        **receptive_fields(model, init_model.to(context.device), erf_images),
         "device": str(context.device),
     }
+    if not variant.reference:  # the receptive fields compare models with the same convolutions
+        images = torch.stack([test_images[i][0] for i in range(protocol.erf_images)]).to(context.device)
+        seed_everything(seed)  # the engine seeds so before building: the run's own initial weights
+        init_model, _ = create_model(variant.factory, len(classify.classes), None, None, False, architecture)
+        cell = 4 * protocol.window_size  # a first-stage window, in pixels
+        record.update(receptive_fields(model, init_model.to(context.device), images, cell))
     return 0, record
+
+
+def planned_runs(
+    protocol: Protocol,
+    phase: str,
+    records: list[dict[str, Any]],
+    tasks: tuple[str, ...] | None = None,
+    variants: tuple[str, ...] | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> list[Run]:
+    """The runs of ``phase``: the pilot's grid, or the main runs at the rates the pilot chose."""
+    if phase == "pilot":
+        return protocol.pilot_plan(variants)
+    families = tuple(dict.fromkeys(VARIANTS[name].family for name in protocol.checked(variants)))
+    return protocol.main_plan(chosen_lrs(records, protocol, families), tasks, variants, seeds)
 
 
 def run_study(
     protocol: Protocol,
+    phase: str,
     results_path: Path,
     runs_dir: Path,
     device: str = "auto",
@@ -201,30 +265,71 @@ def run_study(
     train: Callable[..., tuple[int, dict[str, Any] | None]] = train_one,
     shard: tuple[int, int] = (0, 1),
 ) -> StudyOutcome:
-    """Run every planned run that ``results_path`` does not record yet, recording each as it ends.
-
-    ``shard`` (k, n): only the runs k, k + n, k + 2n, ... of the plan, for n processes side by side."""
+    """Run every planned run of ``phase`` that ``results_path`` does not record yet, recording each as
+    it ends. ``shard`` (k, n): only the runs k, k + n, k + 2n, ... of the plan, for n processes."""
     index, count = shard
-    plan = protocol.plan(tasks, variants, seeds)[index::count]
-    records = read_results(results_path)  # written atomically: whole even while another shard writes
+    records = read_results(results_path).records  # written atomically: whole even while another shard writes
+    plan = planned_runs(protocol, phase, records, tasks, variants, seeds)[index::count]
     done = {record_key(record) for record in records}
-    todo = [run for run in plan if (protocol.name, *run) not in done]
-    log(
-        f"ablation study, protocol {protocol.name}: {len(plan)} runs, "
-        f"{len(plan) - len(todo)} already recorded"
-    )
+    todo = [run for run in plan if (protocol.name, protocol.data_seed, phase, *run) not in done]
+    if len(plan) > len(todo):
+        log(f"{phase}: reusing {len(plan) - len(todo)} of {len(plan)} runs recorded in {results_path}")
     ran = 0
-    for index, (task, variant, seed) in enumerate(todo, 1):
-        log(f"[{index}/{len(todo)}] {task} {variant} seed {seed}")
+    for number, run in enumerate(todo, 1):
+        task, variant, seed, lr = run
+        name = f"{phase} {task} {variant} seed {seed} lr {lr:g}"
+        log(f"[{number}/{len(todo)}] {name}")
         start = time.perf_counter()
-        code, record = train(protocol, task, variant, seed, runs_dir, device)
+        code, record = train(protocol, phase, run, runs_dir, device)
         if record is None:
             return StudyOutcome(results_path, ran, len(plan) - len(todo), code or 1)
         add_record(results_path, record)
         ran += 1
         log(
-            f"[{index}/{len(todo)}] {task} {variant} seed {seed}: test top-1 {record['top1']:.2f}%, "
-            f"ERF {record['erf_trained']:.3f} (init {record['erf_init']:.3f}), "
-            f"{time.perf_counter() - start:.0f} s"
+            f"[{number}/{len(todo)}] {name}: test top-1 {record['top1']:.2f}%, "
+            f"val top-1 {record['val_top1']:.2f}%, {time.perf_counter() - start:.0f} s"
         )
     return StudyOutcome(results_path, ran, len(plan) - len(todo), 0)
+
+
+def speed_subjects(protocol: Protocol, variants: list[Variant]) -> list:
+    from sepvit.bench.measure import Subject
+    from sepvit.train.models import create_model
+
+    def builder(variant: Variant) -> Callable[[], torch.nn.Module]:
+        return lambda: create_model(variant.factory, 10, None, None, False, protocol.architecture(variant))[0]
+
+    return [Subject(v.name, builder(v), (3, *protocol.img_size), form="as_created") for v in variants]
+
+
+def measure_speeds(
+    protocol: Protocol, results_path: Path, threads: int, variants: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Training-step and inference img/s of ``variants`` (all by default) at the study's batch and
+    ``threads``, measured in this process alone, interleaved over the protocol's rounds; stored in the
+    results file beside earlier measurements of other variants."""
+    from sepvit.bench.measure import BenchSettings, run_benchmark
+
+    chosen = [VARIANTS[name] for name in variants or VARIANTS]
+    rounds = protocol.speed_rounds
+    measured: dict[str, Any] = {"threads": threads, "batch_size": protocol.batch_size, "rounds": rounds}
+    for mode, training in (("train", True), ("inference", False)):
+        settings = BenchSettings(
+            batch_size=protocol.batch_size, threads=threads, rounds=rounds, latency=False, memory=False,
+            form="as_created", training=training, warmup=1, min_round_seconds=protocol.speed_seconds,
+        )  # fmt: skip
+        run = run_benchmark(speed_subjects(protocol, chosen), settings, log=log)
+        for result in run.results:
+            spread = result.throughput
+            measured.setdefault(result.name, {})[mode] = [spread.median, spread.low, spread.high]
+    with locked(results_path):
+        results = read_results(results_path)
+        earlier = results.speeds.get(protocol.name, {})
+        if any(earlier.get(key) != measured[key] for key in ("threads", "batch_size", "rounds")):
+            earlier = {}  # measured otherwise: not comparable with these
+        results.speeds[protocol.name] = {**earlier, **measured}
+        write_results(results_path, results)
+    return results.speeds[protocol.name]
+
+
+__all__ = ["Results", "chosen_lrs", "measure_speeds", "read_results", "run_study"]

@@ -9,14 +9,21 @@ from torch import Tensor, nn
 
 from sepvit.utils.extras import require
 
+MIN_CAM_SIDE = 4  # a map of fewer cells a side is too coarse to say where the evidence is
 
-def last_stage(model: nn.Module) -> nn.Module:
-    """The module whose output Grad-CAM weighs: the last stage (timm's ``stages`` or ``layers``)."""
-    for name in ("stages", "layers"):
-        stages = getattr(model, name, None)
-        if stages is not None:
-            return stages[-1]
-    raise ValueError(f"{type(model).__name__} has no 'stages' or 'layers' for Grad-CAM to use")
+
+def cam_stage(model: nn.Module, height: int, width: int) -> tuple[nn.Module, int]:
+    """The stage whose output Grad-CAM weighs, and its channels: the deepest one (of the model's
+    ``feature_info``) whose map at a ``height`` × ``width`` input is at least 4 × 4, else the first."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(model).__name__} has no feature_info for Grad-CAM to find its stages")
+    chosen = info[0]
+    for stage in info:
+        rows, cols = -(-height // stage["reduction"]), -(-width // stage["reduction"])
+        if min(rows, cols) >= MIN_CAM_SIDE:
+            chosen = stage
+    return model.get_submodule(chosen["module"]), chosen["num_chs"]
 
 
 def channels_first(features: int) -> Callable[[Tensor], Tensor]:
@@ -31,13 +38,14 @@ def channels_first(features: int) -> Callable[[Tensor], Tensor]:
 
 
 def grad_cam(model: nn.Module, image: Tensor, target: int | None = None) -> np.ndarray:
-    """Class activation map (H, W) in [0, 1] of one image (1, 3, H, W) for ``target`` (default: top-1)."""
+    """Class activation map (H, W) in [0, 1] of one image (1, 3, H, W) for ``target`` (default: top-1),
+    from the deepest stage whose map is at least 4 × 4 (:func:`cam_stage`)."""
     cams = require("pytorch_grad_cam", extra="explain")
     targets_module = require("pytorch_grad_cam.utils.model_targets", extra="explain")
-    reshape = channels_first(model.num_features)
+    stage, channels = cam_stage(model, *image.shape[-2:])
     targets = None if target is None else [targets_module.ClassifierOutputTarget(target)]
     with cams.GradCAM(
-        model=model.eval(), target_layers=[last_stage(model)], reshape_transform=reshape
+        model=model.eval(), target_layers=[stage], reshape_transform=channels_first(channels)
     ) as cam:
         return cam(input_tensor=image, targets=targets)[0]
 

@@ -64,11 +64,15 @@ RANGE_STAGES = {"stage1": 0, "stage3": -2}
 RANGE_WINDOWS = 3  # the side of the square, in first-stage windows
 
 
-def window_range(model: nn.Module, images: Tensor) -> dict[str, float]:
-    """The effective receptive field after stages 1 and 3, outside a square three first-stage windows
-    wide (3/8 of the input side) centred on the centre unit's window (see the module doc)."""
-    cell = images.shape[-1] // 8
+def window_range(
+    model: nn.Module, images: Tensor, cell: int | None = None, stages: dict[str, int] | None = None
+) -> dict[str, float]:
+    """The effective receptive field after each of ``stages`` (name -> stage index; by default after
+    stages 1 and 3), outside a square three first-stage windows wide centred on the centre unit's
+    window. ``cell``: a first-stage window in pixels (by default an eighth of the input width: an
+    8 × 8 window grid, as at 224 px)."""
+    cell = cell or images.shape[-1] // 8
     return {
         name: effective_receptive_field(model, images, RANGE_WINDOWS * cell, stage, cell)
-        for name, stage in RANGE_STAGES.items()
+        for name, stage in (stages or RANGE_STAGES).items()
     }

@@ -27,9 +27,12 @@ def first_psa(model: nn.Module) -> SeparableWindowAttention | None:
 
 
 @torch.no_grad()
-def psa_window_attention(model: nn.Module, image: Tensor) -> WindowAttention | None:
-    """PSA's window-to-window attention in the first block that has PSA, for one image (1, 3, H, W)."""
-    attention = first_psa(model)
+def psa_window_attention(
+    model: nn.Module, image: Tensor, attention: SeparableWindowAttention | None = None
+) -> WindowAttention | None:
+    """PSA's window-to-window attention in ``attention`` (by default the first block that has PSA), for
+    one image (1, 3, H, W)."""
+    attention = attention or first_psa(model)
     if attention is None:
         return None
     seen: dict[str, Tensor] = {}

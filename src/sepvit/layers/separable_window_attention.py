@@ -13,6 +13,8 @@
 * The local-only baseline of the ablation study, :class:`LocalWindowAttention`: Eq. (1) inside each
   window and nothing among windows (no window token, no PSA), as a windowed transformer without
   shifted or grouped windows.
+* The Swin baseline of the paper's Table 5 ("Swin-T + CPVT"): the same module on windows of the map
+  cyclically shifted by half a window on alternate blocks (W-MSA / SW-MSA of Liu et al., Swin).
 
 Inputs and outputs are channels-last maps (B, H, W, C) of any size: windows that overhang the map
 are zero-padded, padded pixels are masked out of DSA (never attended to) and contribute nothing to
@@ -112,9 +114,12 @@ class DepthwiseSelfAttention(nn.Module):
 
     def depthwise(self, z: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``Attention(zW_Q, zW_K, zW_V) + z`` within each group: ``z`` (G, L, C) holds G groups of L
-        tokens; ``key_mask`` (G, L) marks the tokens that may be attended to (None: all)."""
+        tokens; ``key_mask`` (G, L) marks the tokens that may be attended to, or (G, L, L) the keys
+        each query may attend to (None: all)."""
         q, k, v = self.qkv.forward_parts(z, 3)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        attn_mask: Tensor | None = None
+        if key_mask is not None:
+            attn_mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         dropout_p = self.attn_drop if self.training else 0.0
         out = self.attend(
             split_heads(q, self.num_heads),
@@ -140,10 +145,40 @@ class GlobalSelfAttention(DepthwiseSelfAttention):
         return self.proj_drop(self.proj(z)).view_as(x)
 
 
+def shifted_window_regions(
+    height: int, width: int, window_size: int, shifts: tuple[int, int], device: torch.device
+) -> Tensor:
+    """Region of every pixel of the windows of a padded map rolled by ``-shifts``: (N, M*M) labels.
+
+    Pixels may attend to each other only inside one region: as in Swin, the strips that the cyclic
+    shift wraps around from the far edge are regions of their own, and padding (-1) is one more.
+    """
+    rows, cols = grid_size(height, width, window_size)
+    labels = []
+    for size, real, shift in (
+        (rows * window_size, height, shifts[0]),
+        (cols * window_size, width, shifts[1]),
+    ):
+        shifted = torch.arange(size, device=device)
+        # Swin's three strips in shifted coordinates: [0, S-M), [S-M, S-s), [S-s, S).
+        region = (shifted >= size - window_size).long() + (shifted >= size - shift).long()
+        original = torch.roll(shifted, -shift)  # where each shifted pixel was before the roll
+        labels.append(torch.where(original < real, region if shift else region * 0, -1))
+    padding = (labels[0][:, None] < 0) | (labels[1][None, :] < 0)
+    label = torch.where(padding, -1, labels[0][:, None] * 3 + labels[1][None, :])
+    return window_partition(label[None, :, :, None], window_size)[0, :, :, 0]
+
+
 @register_notrace_module  # the window grid and padding depend on the map size
 class LocalWindowAttention(DepthwiseSelfAttention):
     """Eq. (1) inside each M×M window, then the output projection: no window token and no PSA, so no
-    pixel sees anything outside its own window (the ablation study's local-only baseline)."""
+    pixel sees anything outside its own window (the ablation study's local-only baseline).
+
+    With ``shift_size`` s > 0 the windows are those of the map cyclically shifted by s pixels (Swin's
+    SW-MSA; 0 is W-MSA): the map is padded, rolled, attended window by window with Swin's mask (the
+    strips wrapped around from the far edge attend only among themselves) and rolled back. An axis
+    with a single window is not shifted, as in Swin.
+    """
 
     def __init__(
         self,
@@ -153,21 +188,38 @@ class LocalWindowAttention(DepthwiseSelfAttention):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        shift_size: int = 0,
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size must lie in [0, window_size), got {shift_size}")
         self.window_size = window_size
+        self.shift_size = shift_size
         self.size_independent = False  # as in SeparableWindowAttention
 
     def forward(self, x: Tensor, window_tokens: Tensor | None = None) -> Tensor:
         """``x`` is LN(z), (B, H, W, C); there are no window tokens (``window_tokens`` is None)."""
         batch, height, width, channels = x.shape
-        rows, cols = grid_size(height, width, self.window_size)
-        windows = window_partition(x, self.window_size, self.size_independent)  # (B, N, P, C)
+        size = self.window_size
+        rows, cols = grid_size(height, width, size)
+        shift_rows = self.shift_size if rows > 1 else 0
+        shift_cols = self.shift_size if cols > 1 else 0
+        if shift_rows or shift_cols:
+            padded = F.pad(x, (0, 0, 0, cols * size - width, 0, rows * size - height))
+            windows = window_partition(torch.roll(padded, (-shift_rows, -shift_cols), (1, 2)), size)
+            regions = shifted_window_regions(height, width, size, (shift_rows, shift_cols), x.device)
+            pair_mask = (regions[:, :, None] == regions[:, None, :]).repeat(batch, 1, 1)
+            z = self.depthwise(windows.flatten(0, 1), pair_mask).view(batch, rows * cols, -1, channels)
+            out = torch.roll(
+                window_reverse(z, size, rows * size, cols * size), (shift_rows, shift_cols), (1, 2)
+            )
+            return self.proj_drop(self.proj(out[:, :height, :width]))
+        windows = window_partition(x, size, self.size_independent)  # (B, N, P, C)
         key_mask: Tensor | None = None
-        if self.size_independent or rows * self.window_size != height or cols * self.window_size != width:
-            key_mask = window_padding_mask(height, width, self.window_size, x.device).repeat(batch, 1)
+        if self.size_independent or rows * size != height or cols * size != width:
+            key_mask = window_padding_mask(height, width, size, x.device).repeat(batch, 1)
         z = self.depthwise(windows.flatten(0, 1), key_mask).view(batch, rows * cols, -1, channels)
-        out = window_reverse(z, self.window_size, height, width, self.size_independent)
+        out = window_reverse(z, size, height, width, self.size_independent)
         return self.proj_drop(self.proj(out))
 
 

@@ -32,7 +32,13 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sepvit.layers import GlobalSelfAttention, LocalWindowAttention, Mlp, SeparableWindowAttention, grid_size
+from sepvit.layers import (
+    GlobalSelfAttention,
+    LocalWindowAttention,
+    Mlp,
+    SeparableWindowAttention,
+    grid_size,
+)
 from sepvit.layers.separable_window_attention import WindowRepresentation, WindowToken, resize_token_grid
 from sepvit.models.state_dicts import build_with_weights, rename_key, unwrap_state_dict
 
@@ -41,6 +47,9 @@ __all__ = ["SepViT", "SepViTBlock", "checkpoint_filter_fn", "parse_block_plan"]
 # The paper's notation for the blocks of each stage (Table 7): D = DSSA with M×M windows,
 # G = GSA with 2M×2M windows, "D&G" = alternating, starting with D.
 DEFAULT_BLOCK_PLAN = "D,D&G,D&G,D"
+# What the blocks with several windows run: SepViT's DSSA/GSA, or the ablation study's baselines,
+# attention inside each window only ("local") or Swin's alternating plain and shifted windows.
+WINDOW_ATTENTIONS = ("separable", "local", "shifted")
 
 
 def parse_block_plan(plan: str, depths: tuple[int, ...], window_size: int) -> list[list[int]]:
@@ -86,7 +95,8 @@ class SepViTBlock(nn.Module):
 
     The attention is :class:`SeparableWindowAttention` (DSSA, or GSA for a 2M window) when the map at
     the build size holds several windows (``grid_size`` > 1×1), else :class:`GlobalSelfAttention`;
-    ``local_only`` puts :class:`LocalWindowAttention` (no window token, no PSA) in place of the former.
+    ``window_attention="local"`` puts :class:`LocalWindowAttention` (no window token, no PSA) in place of
+    the former, ``"shifted"`` the same on windows shifted by ``shift_size`` pixels (Swin's SW-MSA).
     """
 
     def __init__(
@@ -102,14 +112,18 @@ class SepViTBlock(nn.Module):
         drop_path: float = 0.0,
         window_token: WindowToken = "learnable",
         window_representation: WindowRepresentation = "token",
-        local_only: bool = False,
+        window_attention: str = "separable",
+        shift_size: int = 0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if tuple(grid_size) == (1, 1):
             self.attn = GlobalSelfAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
-        elif local_only:
-            self.attn = LocalWindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop)
+        elif window_attention in ("local", "shifted"):
+            shift = shift_size if window_attention == "shifted" else 0
+            self.attn = LocalWindowAttention(
+                dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, shift
+            )
         else:
             self.attn = SeparableWindowAttention(
                 dim,
@@ -167,9 +181,10 @@ class SepViTStage(nn.Module):
                 grid_size(*feature_size, window_size),
                 proj_drop=drop_rate,
                 drop_path=rate,
+                shift_size=window_size // 2 if index % 2 else 0,  # Swin: every second block shifted
                 **block_kwargs,
             )
-            for window_size, rate in zip(window_sizes, drop_path_rates)
+            for index, (window_size, rate) in enumerate(zip(window_sizes, drop_path_rates))
         )
         self.pos_embed = ConditionalPositionEncoding(dim)
 
@@ -200,9 +215,12 @@ class SepViT(nn.Module):
             (default), ``"D,D,D,D"`` (DSSA only) or ``"D,G&D,G&D,D"``.
         window_token: ``"learnable"`` or ``"zero"`` (Table 5).
         window_representation: ``"token"``, ``"avgpool"`` or ``"dwconv"`` (Table 6).
-        local_only: the local-only baseline of the ablation study: attention inside each window and
-            nothing among windows (no window tokens, no PSA) in every block that has several windows;
-            the plan's window sizes still apply (``block_plan="D,D,D,D"`` gives M×M windows throughout).
+        window_attention: what the blocks with several windows run: ``"separable"`` (SepViT's DSSA
+            and GSA), or the ablation study's baselines: ``"local"`` (attention inside each window,
+            nothing among windows: no window tokens, no PSA) or ``"shifted"`` (Swin's W-MSA and, on
+            every second block of a stage, SW-MSA shifted by half a window: with SepViT's stem,
+            merging and position encoding, the paper's "Swin + CPVT"). The plan's window sizes still
+            apply (``block_plan="D,D,D,D"`` gives M×M windows throughout).
         mlp_ratio, qkv_bias: block options.
         drop_rate, attn_drop_rate, drop_path_rate: dropout after patch merging, projections, MLP and
             before the classifier; attention dropout; stochastic depth, rising linearly to this rate.
@@ -221,7 +239,7 @@ class SepViT(nn.Module):
         block_plan: str = DEFAULT_BLOCK_PLAN,
         window_token: WindowToken = "learnable",
         window_representation: WindowRepresentation = "token",
-        local_only: bool = False,
+        window_attention: str = "separable",
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -231,6 +249,10 @@ class SepViT(nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', not {global_pool!r}")
+        if window_attention not in WINDOW_ATTENTIONS:
+            raise ValueError(
+                f"window_attention must be one of {', '.join(WINDOW_ATTENTIONS)}, not {window_attention!r}"
+            )
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -265,7 +287,7 @@ class SepViT(nn.Module):
                     qkv_bias=qkv_bias,
                     window_token=window_token,
                     window_representation=window_representation,
-                    local_only=local_only,
+                    window_attention=window_attention,
                     attn_drop=attn_drop_rate,
                 )
             )

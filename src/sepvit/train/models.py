@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -46,13 +46,14 @@ def create_model(
 
     ``pretrained`` loads timm's published weights (from the Hugging Face cache, or the hub when
     online); timm replaces the classifier when ``num_classes`` differs from theirs. ``architecture``:
-    further keyword arguments of the model's factory (widths, window size, ablation options).
+    further keyword arguments of the model's factory (widths, window size, ablation options); an
+    ``img_size`` there, such as a non-square (H, W), takes the place of ``img_size``.
     """
     import timm
 
     check_model_name(model_name)
     kwargs: dict[str, Any] = {**(architecture or {}), "num_classes": num_classes}
-    if img_size is not None:
+    if img_size is not None and "img_size" not in kwargs:
         kwargs["img_size"] = img_size
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
@@ -75,15 +76,16 @@ def create_model(
         return model, {key: value for key, value in kwargs.items() if key != "drop_path_rate"}
 
 
-def data_config_for(model: nn.Module, img_size: int, crop_pct: float | str) -> dict[str, Any]:
-    """timm's data config of the model at ``img_size`` (mean, std, interpolation, crop)."""
+def data_config_for(model: nn.Module, img_size: int | Sequence[int], crop_pct: float | str) -> dict[str, Any]:
+    """timm's data config of the model at ``img_size``, one side or (H, W) (mean, std, interpolation,
+    crop)."""
     from timm.data import resolve_data_config
 
     config = resolve_data_config({}, model=model)
     if crop_pct != "auto":
         config["crop_pct"] = float(crop_pct)
     return {
-        "input_size": [3, img_size, img_size],
+        "input_size": [3, *((img_size, img_size) if isinstance(img_size, int) else img_size)],
         "interpolation": config["interpolation"],
         "mean": list(config["mean"]),
         "std": list(config["std"]),

@@ -78,7 +78,8 @@ class ClassificationTask(Task):
                 log(report)
         elif from_timm and context.is_main:
             log(f"fine-tuning from timm's pretrained {config.model}")
-        self.data_config = data_config_for(self.model, config.img_size, config.crop_pct)
+        size = self.architecture.get("img_size", config.img_size)  # the architecture's may be (H, W)
+        self.data_config = data_config_for(self.model, size, config.crop_pct)
         augment = train_transform(
             self.data_config, config.aa, config.scale, config.ratio, config.hflip, config.reprob
         )
