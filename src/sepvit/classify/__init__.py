@@ -1,0 +1,1 @@
+"""Training, evaluation and prediction: ``sepvit train|demo|eval|predict``."""

@@ -1,0 +1,40 @@
+"""Checkpoints written by an earlier version keep loading: one small run of each task, stored in
+tests/data/runs/ (a ``test_efficientnet`` model trained for one epoch: classification on the digits
+at 32 px, detection and segmentation on the embedded shapes at 64 px)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sepvit.cli import main
+
+STORED = Path(__file__).parent / "data" / "runs"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "image.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_a_stored_classifier_predicts(image: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["predict", str(STORED / "classify.safetensors"), str(image), "--top-k", "2", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert len(predictions) == 2
+    assert {p["class"] for p in predictions} <= {str(digit) for digit in range(10)}
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_a_stored_dense_run_predicts(task: str, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    output = tmp_path / "out"
+    run = str(STORED / f"{task}.safetensors")
+    assert main([task, "predict", run, str(image), "--output", str(output), "--json"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert len(written) == 1 and Path(written[0]["output"]).is_file()
