@@ -27,7 +27,7 @@ import json, os, sys
 from safetensors.torch import save_file
 from sepvit.cli import main
 from sepvit.dense.tasks import DenseTask
-from sepvit.engine import files
+from sepvit.utils import files
 from sepvit.engine.loop import Trainer
 
 keep, rank, written = sys.argv[1], os.environ["RANK"], []

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _run_cli(*argv: str) -> int:
     import argparse
 
-    from sepvit.dense.cli import register
+    from sepvit.cli.dense import register
 
     parser = argparse.ArgumentParser(prog="sepvit")
     register(parser.add_subparsers(dest="command", required=True))

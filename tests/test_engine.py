@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
+from sepvit.classify.config import ClassifyConfig
 from sepvit.cli import main
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine import files
 from sepvit.engine.config import build_config, read_config_file
 from sepvit.engine.data import output_names
 from sepvit.errors import CheckpointError, ConfigError
-from sepvit.train.config import ClassifyConfig
+from sepvit.utils import files
 
 
 def test_yaml_numbers_written_as_strings_are_parsed_and_words_refused(tmp_path: Path) -> None:

@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+from sepvit.classify.models import build_classifier, data_config_for
 from sepvit.cli import main
 from sepvit.engine.checkpoint import weights_writer
-from sepvit.train.models import create_model, data_config_for
 
 TINY = dict(window_size=4, embed_dims=(8, 16, 32, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
 
 
 def write_checkpoint(path, **options) -> str:
     torch.manual_seed(0)
-    model, kwargs = create_model("sepvit_lite", 10, 64, architecture={**TINY, **options})
+    model, kwargs = build_classifier("sepvit_lite", 10, 64, architecture={**TINY, **options})
     info = {
         "task": "classify",
         "model": "sepvit_lite",

@@ -12,15 +12,15 @@ import torch
 from timm.data import create_dataset
 from torch.utils.data import DataLoader
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.data import load_classification_data
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import main
 from sepvit.engine.checkpoint import read_checkpoint
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
 from sepvit.engine.shards import ShardSet, ShardStream, is_shard_spec, open_shards, read_samples
 from sepvit.errors import ConfigError, DataError
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.data import load_classification_data
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sepvit.classify.config import PRESETS, RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
 from sepvit.cli import build_parser, main
-from sepvit.engine.config import AUTO, flag_name, resolve_run_config
-from sepvit.train.config import PRESETS, RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
+from sepvit.cli.options import config_from_args
+from sepvit.engine.config import AUTO, flag_name
 
 
 def resolve_train_config(args: argparse.Namespace) -> ClassifyConfig:
-    return resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)[0]
+    return config_from_args(ClassifyConfig, args, PRESETS, RUN_DEFINING)[0]
 
 
 def _help(command: str, capsys: pytest.CaptureFixture) -> str:

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.data import ClassificationImages, load_image_sets, scan_image_folder
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import main
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
 from sepvit.errors import DataError, TrainingError
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.data import ClassificationImages, load_image_sets, scan_image_folder
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 TINY = dict(

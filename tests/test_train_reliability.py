@@ -14,14 +14,14 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import main
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine import reporting
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
 from sepvit.errors import TrainingError
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 # One optimizer step per epoch: 16 training images, batches of 16.

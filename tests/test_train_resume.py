@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.task import ClassificationTask
 from sepvit.engine.checkpoint import RunCheckpoints, read_checkpoint
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 

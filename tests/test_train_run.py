@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from sepvit.classify.data import load_digits_split
 from sepvit.cli import main
 from sepvit.engine.checkpoint import read_checkpoint
-from sepvit.train.data import load_digits_split
 
 # Seconds matter on 2 cores: a tiny timm ConvNeXt (0.2M parameters) learns digits in a few epochs.
 FAST_RUN = [

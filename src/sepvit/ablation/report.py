@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sepvit.ablation.study import VARIANTS
-from sepvit.engine.files import make_folder, write_text
-from sepvit.engine.reporting import pyplot, save_figure
+from sepvit.utils.files import make_folder, write_text
+from sepvit.utils.plots import pyplot, save_figure
 
 PAIR, SINGLE = "pair-sum", "single"
 MEASURES = {

@@ -30,9 +30,9 @@ import torch
 from sepvit.ablation.study import VARIANTS, Protocol
 from sepvit.ablation.tasks import write_image_folder
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.files import make_folder, reason, write_text
 from sepvit.engine.reporting import log
 from sepvit.errors import ConfigError, DataError
+from sepvit.utils.files import make_folder, reason, write_text
 
 RECORD_KEY = ("protocol", "task", "variant", "seed")
 
@@ -128,13 +128,13 @@ def train_one(
     protocol: Protocol, task: str, variant_name: str, seed: int, runs_dir: Path, device: str
 ) -> tuple[int, dict[str, Any] | None]:
     """Train (or resume) one run and measure it; (exit code, record), the record None if stopped."""
+    from sepvit.classify.config import ClassifyConfig
+    from sepvit.classify.data import ClassificationImages, eval_transform, scan_image_folder
+    from sepvit.classify.models import build_classifier as create_model
+    from sepvit.classify.task import ClassificationTask, classification_loader, evaluate
     from sepvit.engine.distributed import single_process
     from sepvit.engine.loop import seed_everything
     from sepvit.engine.run import run_training
-    from sepvit.train.config import ClassifyConfig
-    from sepvit.train.data import ClassificationImages, eval_transform, scan_image_folder
-    from sepvit.train.models import create_model
-    from sepvit.train.task import ClassificationTask, classification_loader, evaluate
     from sepvit.utils import count_macs, count_params
 
     variant = VARIANTS[variant_name]

@@ -44,8 +44,8 @@ class PrecisionTop1:
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], str]:
     """(model, checkpoint information, data) of a PyTorch checkpoint that names its data;
     :class:`~sepvit.errors.SepViTError` naming the problem otherwise."""
-    from sepvit.engine.onnx_runtime import OnnxClassifier
-    from sepvit.train.inference import load_model
+    from sepvit.classify.inference import load_model
+    from sepvit.utils.onnx_runtime import OnnxClassifier
 
     model, info = load_model(str(path))
     if isinstance(model, OnnxClassifier):
@@ -58,9 +58,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any],
 
 def precision_top1(checkpoint: str | os.PathLike) -> PrecisionTop1:
     """Top-1 of ``checkpoint`` in fp32, bf16 autocast and bf16 cast, on the CPU."""
+    from sepvit.classify.inference import held_out_loader
+    from sepvit.classify.task import evaluate
     from sepvit.engine.distributed import single_process
-    from sepvit.train.inference import held_out_loader
-    from sepvit.train.task import evaluate
 
     model, info, data = load_checkpoint(checkpoint)
     context = single_process("cpu")

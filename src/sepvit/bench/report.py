@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from sepvit.bench.measure import BenchResult, BenchRun
-from sepvit.engine.files import write_text
-from sepvit.engine.reporting import save_figure
 from sepvit.errors import MissingExtraError
 from sepvit.utils.extras import require
+from sepvit.utils.files import write_text
+from sepvit.utils.plots import pyplot, save_figure
 
 COLUMNS = (
     ("model", "{}"),
@@ -179,8 +179,7 @@ def plot(run: BenchRun, path: str | os.PathLike) -> None:
 
     import numpy as np
 
-    require("matplotlib", "bench").use("Agg")
-    plt = require("matplotlib.pyplot", "bench")
+    plt = pyplot("bench")
     ticker = require("matplotlib.ticker", "bench")
 
     plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")

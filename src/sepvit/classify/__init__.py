@@ -1,1 +1,2 @@
-"""Training, evaluation and prediction: ``sepvit train|demo|eval|predict``."""
+"""Image classification: its typed options and presets, data, models, the engine task, evaluation
+and prediction (``sepvit classify train|eval|predict``)."""

@@ -16,15 +16,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sepvit.data_io import open_image
-from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.distributed import DistContext, single_process
-from sepvit.utils.onnx_runtime import OnnxClassifier
-from sepvit.engine.optim import amp_dtype
-from sepvit.engine.reporting import log
-from sepvit.utils.plots import pyplot, save_figure
-from sepvit.engine.shards import ShardSet
-from sepvit.errors import CheckpointError, ConfigError
 from sepvit.classify.data import (
     ImageSet,
     check_classes,
@@ -33,8 +24,18 @@ from sepvit.classify.data import (
     evaluation_images,
     load_classification_data,
 )
-from sepvit.classify.models import create_model, data_config_for, default_img_size
+from sepvit.classify.models import build_classifier, data_config_for
 from sepvit.classify.task import classification_loader, evaluate
+from sepvit.data_io import open_image
+from sepvit.engine import checkpoint as ckpt
+from sepvit.engine.distributed import DistContext, single_process
+from sepvit.engine.optim import amp_dtype
+from sepvit.engine.reporting import log
+from sepvit.engine.shards import ShardSet
+from sepvit.errors import CheckpointError, ConfigError
+from sepvit.models import default_input_size
+from sepvit.utils.onnx_runtime import OnnxClassifier
+from sepvit.utils.plots import pyplot, save_figure
 
 PREDICT_BATCH = 64
 
@@ -44,7 +45,7 @@ def model_of(info: dict[str, Any], path: str) -> nn.Module:
     kwargs = dict(info["model_kwargs"])
     kwargs.pop("num_classes", None)
     try:
-        model, _ = create_model(
+        model, _ = build_classifier(
             info["model"], len(info["classes"]), kwargs.pop("img_size", None), None, False, kwargs
         )
     except (TypeError, ValueError) as error:
@@ -82,8 +83,8 @@ def load_model(
         num_classes = len(info["classes"]) if info else (len(classes) if classes else None)
     if num_classes is None:
         raise ConfigError(f"{path} does not say how many classes it has: pass --num-classes")
-    size = img_size or default_img_size(model_name)
-    model, kwargs = create_model(model_name, num_classes, size)
+    size = img_size or default_input_size(model_name)[-1]
+    model, kwargs = build_classifier(model_name, num_classes, size)
     ckpt.load_strict(model, state_dict, path)
     if info:
         names = info["classes"]
@@ -160,7 +161,7 @@ def run_eval(
     val_set = None
     if model_name is not None:
         # A plain state dict has no class names: the data's folders give them.
-        _, val_set = load_classification_data(data, None, img_size or default_img_size(model_name))
+        _, val_set = load_classification_data(data, None, img_size or default_input_size(model_name)[-1])
     classes = list(val_set.classes) if val_set else None
     model, info = load_model(path, model_name, num_classes, img_size, classes)
     if isinstance(model, OnnxClassifier) and amp != "none":

@@ -11,14 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sepvit.engine.checkpoint import load_for_finetune, read_weights
-from sepvit.engine.config import AUTO
-from sepvit.engine.data import ShardedSampler, make_loader
-from sepvit.engine.distributed import DistContext, all_reduce
-from sepvit.engine.loop import Task, TaskKind
-from sepvit.engine.optim import autocast
-from sepvit.engine.reporting import log
-from sepvit.engine.shards import ShardSet, ShardStream
 from sepvit.classify.config import RUN_DEFINING, ClassifyConfig, apply_recipe_defaults, effective_batch
 from sepvit.classify.data import (
     ClassificationImages,
@@ -30,7 +22,16 @@ from sepvit.classify.data import (
     load_classification_data,
     train_transform,
 )
-from sepvit.classify.models import create_model, data_config_for, default_img_size
+from sepvit.classify.models import build_classifier, data_config_for
+from sepvit.engine.checkpoint import load_for_finetune, read_weights
+from sepvit.engine.config import AUTO
+from sepvit.engine.data import ShardedSampler, make_loader
+from sepvit.engine.distributed import DistContext, all_reduce
+from sepvit.engine.loop import Task, TaskKind
+from sepvit.engine.optim import autocast
+from sepvit.engine.reporting import log
+from sepvit.engine.shards import ShardSet, ShardStream
+from sepvit.models import default_input_size
 
 
 class ClassificationTask(Task):
@@ -51,7 +52,7 @@ class ClassificationTask(Task):
             )
         config = apply_recipe_defaults(config, world_size)
         if config.img_size == AUTO:
-            config = config.replace(img_size=default_img_size(config.model))
+            config = config.replace(img_size=default_input_size(config.model)[-1])
         return config
 
     def setup(self, context: DistContext) -> None:
@@ -63,7 +64,7 @@ class ClassificationTask(Task):
             log(describe(train_set, "train"))
             log(describe(val_set, "val"))
         from_timm = config.pretrained == "timm"
-        self.model, self.model_kwargs = create_model(
+        self.model, self.model_kwargs = build_classifier(
             config.model,
             len(self.classes),
             config.img_size,

@@ -22,8 +22,9 @@ from sepvit.cli.options import (
     formatter,
     non_negative,
     positive,
+    print_json,
 )
-from sepvit.cli.training import print_json, run_summary, train
+from sepvit.cli.training import run_summary, train
 
 DEMO_PRESET = "digits-demo"
 
@@ -173,10 +174,10 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from sepvit.engine.checkpoint import LAST, LAST_EMA, weights_path
     from sepvit.classify.data import DIGITS_VAL
     from sepvit.classify.inference import run_eval
     from sepvit.classify.task import ClassificationTask
+    from sepvit.engine.checkpoint import LAST, LAST_EMA, weights_path
 
     start = time.perf_counter()
     config, resume_dir = config_from_args(ClassifyConfig, args, PRESETS, RUN_DEFINING)

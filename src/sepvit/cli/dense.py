@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sepvit.dense.config import DETECT_PRESETS, SEGMENT_PRESETS, DetectConfig, SegmentConfig
 from sepvit.cli.options import (
     add_command_options,
     add_inference_options,
@@ -19,8 +18,10 @@ from sepvit.cli.options import (
     non_negative,
     positive,
     positive_float,
+    print_json,
 )
-from sepvit.cli.training import print_json, train
+from sepvit.cli.training import train
+from sepvit.dense.config import DETECT_PRESETS, SEGMENT_PRESETS, DetectConfig, SegmentConfig
 from sepvit.engine.config import read_config_file
 from sepvit.errors import ConfigError
 

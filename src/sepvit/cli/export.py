@@ -4,9 +4,12 @@ int8 quantisation behind an accuracy gate."""
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
+
+from sepvit.cli.options import add_img_size, add_json, img_size, positive, positive_float, print_json
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -26,17 +29,17 @@ def register(subparsers) -> None:
         "-o", "--output", type=Path,
         help="ONNX file (default: MODEL.onnx, or beside the checkpoint: NAME.onnx / NAME-int8.onnx)",
     )  # fmt: skip
-    parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] (default: the model's)")
+    add_img_size(parser, "input size of a model by name (default: the model's)")
     parser.add_argument("--dynamic-size", action="store_true", help="dynamic height and width as well")
     parser.add_argument("--fp16", action="store_true", help="export in half precision")
     parser.add_argument("--deploy", action="store_true", help="fuse conv-BN and re-parameterised branches")
-    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--opset", type=positive, default=18, help="ONNX opset")
     parser.add_argument(
-        "--tolerance", type=float, help="max abs difference allowed, × max(1, max |output|) "
+        "--tolerance", type=positive_float, help="max abs difference allowed, × max(1, max |output|) "
         "(default 1e-4, fp16 2e-2)"
     )  # fmt: skip
     parser.add_argument(
-        "--check-batch-sizes", type=int, nargs="+", default=[1, 3], metavar="B",
+        "--check-batch-sizes", type=positive, nargs="+", default=[1, 3], metavar="B",
         help="batch sizes compared in ONNX Runtime (default: 1 3)",
     )  # fmt: skip
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
@@ -51,14 +54,15 @@ def register(subparsers) -> None:
         "(default: the data the checkpoint was trained on)",
     )  # fmt: skip
     int8.add_argument(
-        "--calibration-images", type=int, default=256, metavar="N", help="training images to calibrate on"
+        "--calibration-images", type=positive, default=256, metavar="N",
+        help="training images to calibrate on",
     )  # fmt: skip
     int8.add_argument(
         "--max-drop", type=float, default=1.0, metavar="POINTS",
         help="top-1 points int8 may lose on the held-out images; above it the sensitive nodes stay in "
         "float, and if that still loses more, nothing is written (exit 2)",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the report as JSON")
+    add_json(parser, "the report (the progress goes to standard error)")
     parser.set_defaults(func=run_export)
 
 
@@ -67,16 +71,22 @@ def _is_checkpoint(name: str) -> bool:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        code, report = _export(args)
+    if args.json:
+        print_json(report)
+    return code
+
+
+def _export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """Export as the options say; (exit code, report)."""
     import tempfile
 
-    from sepvit.utils.files import write_text
     from sepvit.errors import ConfigError
-    from sepvit.export import ExportMismatchError, export_onnx, operator_census
+    from sepvit.export import ExportMismatchError, export_onnx
     from sepvit.export.onnx_export import check_shapes_for, prepare_deploy
     from sepvit.utils import count_params
 
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise ConfigError("--img-size takes H or H W")
     if args.int8 and args.fp16:
         raise ConfigError("--int8 and --fp16 exclude each other")
     model, name, (channels, height, width), info = _model_to_export(args)
@@ -107,9 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
         except ExportMismatchError as error:
             print(f"  FAILED: {error}")
             report["failure"] = str(error)
-            if args.json:
-                write_text(args.json, json.dumps(report, indent=2) + "\n")
-            return 1
+            return 1, report
         print(f"{name}: {count_params(model) / 1e6:.2f} M params, graph input {exported.input_name} "
               f"{list(exported.input_shape)}, opset {exported.opset}, {'fp16' if exported.fp16 else 'fp32'}, "
               f"traced at {list(exported.traced_size)}, onnx.checker passed")  # fmt: skip
@@ -123,23 +131,26 @@ def run_export(args: argparse.Namespace) -> int:
         ]
         if args.int8:
             report["int8"] = _quantize(args, exported.path, output, info)
-    size_mb = output.stat().st_size / 2**20
-    print(f"  -> {output} ({size_mb:.1f} MiB)")
+    report.update(_report_operators(output))
+    return 0, report
+
+
+def _report_operators(output: Path) -> dict[str, Any]:
+    """Print the file's size and the operators its graph uses; return the operators for the report."""
+    from sepvit.export import operator_census
+
+    print(f"  -> {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     census = operator_census(output)
     print("  operators: " + ", ".join(f"{op} {n}" for op, n in census.counts.most_common()))
     unexpected = census.unexpected
     print("  non-universal operators: " + (", ".join(f"{op} {n}" for op, n in unexpected.items()) or "none"))
-    report["operators"] = dict(census.counts.most_common())
-    report["non_universal_operators"] = unexpected
-    if args.json:
-        write_text(args.json, json.dumps(report, indent=2) + "\n")
-    return 0
+    return {"operators": dict(census.counts.most_common()), "non_universal_operators": unexpected}
 
 
 def _model_to_export(args: argparse.Namespace):
     """(model, name, (C, H, W), checkpoint information or None) for the command's model argument."""
     from sepvit.errors import ConfigError
-    from sepvit.models.names import create_model_at_size, default_input_size
+    from sepvit.models import create_model, default_input_size
 
     if _is_checkpoint(args.model):
         from sepvit.classify.inference import load_model
@@ -155,11 +166,12 @@ def _model_to_export(args: argparse.Namespace):
         return model, info["model"], tuple(info["data_config"]["input_size"]), checkpoint_info
     if args.int8:
         raise ConfigError("--int8 needs a trained checkpoint (its accuracy is what the gate measures)")
-    img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
+    size = img_size(args)
     channels, height, width = default_input_size(args.model)
-    if img_size:
-        height, width = img_size
-    return create_model_at_size(args.model, img_size), args.model, (channels, height, width), None
+    if size:
+        height, width = size
+    model = create_model(args.model, **({"img_size": size} if size else {})).eval()
+    return model, args.model, (channels, height, width), None
 
 
 def _quantize(args: argparse.Namespace, float_path: Path, output: Path, info: dict) -> dict[str, Any]:

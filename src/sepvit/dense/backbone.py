@@ -15,6 +15,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from sepvit.engine.checkpoint import read_weights
 from sepvit.errors import CheckpointError
+from sepvit.models import create_model
 
 # A checkpoint that covers less than this share of the backbone's tensors is not one for it.
 MIN_LOADED_FRACTION = 0.5
@@ -38,12 +39,8 @@ def create_features(
     else:
         kwargs["num_classes"] = 0
     if img_size is not None:
-        try:
-            return timm.create_model(model_name, img_size=tuple(img_size), **kwargs)
-        except TypeError as error:
-            if "img_size" not in str(error):
-                raise
-    return timm.create_model(model_name, **kwargs)
+        kwargs["img_size"] = tuple(img_size)
+    return create_model(model_name, **kwargs)
 
 
 def image_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

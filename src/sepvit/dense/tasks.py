@@ -63,6 +63,10 @@ class DenseTask(Task):
     config: DenseConfig
     info: dict[str, Any]
 
+    @property
+    def data_name(self) -> str:
+        return Path(self.config.data).name if self.config.data else "shapes"  # the embedded dataset
+
     def _load_backbone(self, body: nn.Module, context: DistContext) -> None:
         path = self.config.pretrained_backbone
         if path is None:

@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sepvit.engine.files import (
+from sepvit.errors import CheckpointError
+from sepvit.utils.files import (
     check_file,
     link_atomically,
     reason,
@@ -33,7 +34,6 @@ from sepvit.engine.files import (
     write_atomically,
     write_text,
 )
-from sepvit.errors import CheckpointError
 
 FORMAT = "sepvit-train/1"
 LAST, LAST_EMA, BEST = "last", "last_ema", "best"

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from sepvit.data_io import open_image
-from sepvit.engine.files import make_folder, write_atomically
 from sepvit.explain.gradcam import grad_cam, overlay
 from sepvit.explain.receptive_field import RANGE_WINDOWS, window_range
 from sepvit.explain.window_attention import attention_heat, psa_window_attention, strongest_window
+from sepvit.utils.files import make_folder, write_atomically
 
 OUTLINE = (255, 255, 0)
 MIN_SIDE = 256  # smaller inputs are enlarged (by a whole factor, pixels kept sharp) to be seen
@@ -71,9 +71,9 @@ def explain_images(
     checkpoint: str, images: list[str], output: Path, device: str = "cpu"
 ) -> tuple[list[Explanation], dict[str, float]]:
     """Write the overlays of every image; returns them and the receptive fields (trained, at init)."""
+    from sepvit.classify.data import eval_transform
+    from sepvit.classify.inference import load_model, model_of
     from sepvit.engine.distributed import single_process
-    from sepvit.train.data import eval_transform
-    from sepvit.train.inference import load_model, model_of
 
     model, info = load_model(checkpoint)
     transform = eval_transform(info["data_config"])
