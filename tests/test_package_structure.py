@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TASKS = {"classify", "dense", "ablation", "explain", "export", "bench"}
+TASKS = {"classify", "dense", "ablation", "explain", "export", "bench", "runs"}
 # Each subpackage's level: a subpackage imports only those of lower levels (tasks also other tasks).
 LEVELS = {
     "__main__": 7,  # python -m sepvit

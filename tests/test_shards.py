@@ -213,4 +213,4 @@ def test_a_damaged_shard_stops_the_run_with_its_name_and_saves_it(
     damage(shards / "train-000003.tar")
     with pytest.raises(DataError, match=message + r".*continue with --resume"):
         _run(tmp_path, "damaged", str(shards), model="test_vit", epochs=1)
-    assert read_checkpoint(tmp_path / "damaged" / "last.safetensors")[1]["step_in_epoch"] == 0
+    assert read_checkpoint(tmp_path / "damaged" / "last.safetensors")[1].progress["step_in_epoch"] == 0

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from sepvit.engine.description import RunDescription
 from sepvit.models import create_model
 
 
@@ -46,3 +47,22 @@ def data_config_for(model: nn.Module, img_size: int, crop_pct: float | str) -> d
         "std": list(config["std"]),
         "crop_pct": config["crop_pct"],
     }
+
+
+def describe_classifier(
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    class_names: list[str],
+    data_config: dict[str, Any],
+    data: str | None = None,
+) -> RunDescription:
+    """The description a classification run stores with its weights."""
+    return RunDescription(
+        task="classify",
+        model=model_name,
+        model_kwargs=model_kwargs,
+        class_names=class_names,
+        input_size=tuple(data_config["input_size"][-2:]),
+        data=data,
+        data_config=data_config,
+    )

@@ -22,10 +22,11 @@ from sepvit.classify.data import (
     load_classification_data,
     train_transform,
 )
-from sepvit.classify.models import build_classifier, data_config_for
-from sepvit.engine.checkpoint import load_for_finetune, read_weights
+from sepvit.classify.models import build_classifier, data_config_for, describe_classifier
+from sepvit.engine.checkpoint import load_pretrained
 from sepvit.engine.config import AUTO
 from sepvit.engine.data import ShardedSampler, make_loader
+from sepvit.engine.description import RunDescription
 from sepvit.engine.distributed import DistContext, all_reduce
 from sepvit.engine.loop import Task, TaskKind
 from sepvit.engine.optim import autocast
@@ -73,10 +74,9 @@ class ClassificationTask(Task):
             architecture=self.architecture,
         )
         if config.pretrained and not from_timm:
-            state_dict, _ = read_weights(config.pretrained)
-            report = load_for_finetune(self.model, state_dict, f"--pretrained {config.pretrained}")
+            report = load_pretrained(self.model, config.pretrained)
             if context.is_main:
-                log(report)
+                log(f"fine-tuning {report.summary()}")
         elif from_timm and context.is_main:
             log(f"fine-tuning from timm's pretrained {config.model}")
         self.data_config = data_config_for(self.model, config.img_size, config.crop_pct)
@@ -115,14 +115,10 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, context: DistContext, dtype: torch.dtype | None) -> dict[str, float]:
         return evaluate(model, self.val_loader, context, dtype, self.config.channels_last)
 
-    def checkpoint_info(self) -> dict[str, Any]:
-        return {
-            "model": self.config.model,
-            "model_kwargs": self.model_kwargs,
-            "classes": self.classes,
-            "data": self.config.data,
-            "data_config": self.data_config,
-        }
+    def describe(self) -> RunDescription:
+        return describe_classifier(
+            self.config.model, self.model_kwargs, self.classes, self.data_config, self.config.data
+        )
 
 
 def training_loss(mixup: bool, smoothing: float) -> nn.Module:

@@ -123,9 +123,9 @@ def _train(args: argparse.Namespace) -> int:
     if backbone and not hasattr(args, "model"):  # the backbone the classification run trained
         from sepvit.engine.checkpoint import read_weights
 
-        trained_as = (read_weights(backbone)[1] or {}).get("model")
-        if trained_as:
-            args.model = trained_as
+        description = read_weights(backbone)[1]
+        if description is not None:
+            args.model = description.model
     config, resume_dir = config_from_args(
         args.config_type,
         args,
@@ -144,18 +144,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(path: Path, task: str, device: str):
-    from sepvit.dense.detection import build_detection_model
-    from sepvit.dense.segmentation import build_segmentation_model
-    from sepvit.engine.checkpoint import check_finite, load_strict, read_checkpoint
     from sepvit.engine.distributed import single_process
+    from sepvit.runs import load_run
 
-    state, info = read_checkpoint(path, task)
-    check_finite(state, f"checkpoint {path}")
-    build = build_detection_model if task == "detect" else build_segmentation_model
-    model = build(info)
-    load_strict(model, state, str(path))
+    model, description = load_run(path, task)
     context = single_process(device)
-    return model.to(context.device).eval(), info, context.device
+    return model.to(context.device), description, context.device
 
 
 def _root(args: argparse.Namespace, kind: str) -> Path:
@@ -214,24 +208,25 @@ def _detect_eval(args: argparse.Namespace) -> int:
     from sepvit.dense.data import CocoDetection
     from sepvit.dense.detection import evaluate_detection
 
-    model, info, device = _load(args.checkpoint, "detect", args.device)
+    model, description, device = _load(args.checkpoint, "detect", args.device)
     split = args.split or ("val" if args.data is None else "val2017")
     dataset = CocoDetection(_root(args, "coco"), split)
-    if dataset.class_names != info["class_names"]:
+    if dataset.class_names != description.class_names:
         raise ConfigError(
-            f"the dataset's categories {dataset.class_names} differ from the model's {info['class_names']}"
+            f"the dataset's categories {dataset.class_names} differ from the model's "
+            f"{description.class_names}"
         )
     _report(evaluate_detection(model, dataset, device, args.batch_size, args.workers), args)
     return 0
 
 
 def _predict_all(args: argparse.Namespace, task: str, draw) -> int:
-    """Run ``draw(model, info, device, image) -> (canvas, found, summary)`` on every input image; write
+    """Run ``draw(model, description, device, image) -> (canvas, found, summary)`` on every input image; write
     the canvases as PNGs and print one line per image (or JSON)."""
-    model, info, device = _load(args.checkpoint, task, args.device)
+    model, description, device = _load(args.checkpoint, task, args.device)
     results = []
     for path, output, image in _predictions(args):
-        canvas, found, summary = draw(model, info, device, image)
+        canvas, found, summary = draw(model, description, device, image)
         _save_png(canvas, output)
         results.append({"image": str(path), "output": str(output), **found})
         if not args.json:
@@ -246,11 +241,11 @@ def _detect_predict(args: argparse.Namespace) -> int:
 
     from sepvit.dense.visualize import draw_detections
 
-    def draw(model, info, device, image):
+    def draw(model, description, device, image):
         with torch.no_grad():
             prediction = model([image.to(device)])[0]
         found = int((prediction["scores"] >= args.score_threshold).sum())
-        canvas = draw_detections(image, prediction, info["class_names"], args.score_threshold)
+        canvas = draw_detections(image, prediction, description.class_names, args.score_threshold)
         return canvas, {"objects": found}, f"{found} objects"
 
     return _predict_all(args, "detect", draw)
@@ -266,11 +261,18 @@ def _segment_eval(args: argparse.Namespace) -> int:
     from sepvit.dense.data import ADE20KSegmentation, SegmentationEvalDataset
     from sepvit.dense.segmentation import evaluate_segmentation
 
-    model, info, device = _load(args.checkpoint, "segment", args.device)
-    dataset = ADE20KSegmentation(_root(args, "ade20k"), args.split or "validation", None, info["num_classes"])
+    model, description, device = _load(args.checkpoint, "segment", args.device)
+    dataset = ADE20KSegmentation(
+        _root(args, "ade20k"), args.split or "validation", None, description.extras["num_classes"]
+    )
     scales, flip = _test_scales(args)
     metrics = evaluate_segmentation(
-        model, SegmentationEvalDataset(dataset, info["crop_size"]), device, scales, flip, args.workers
+        model,
+        SegmentationEvalDataset(dataset, description.extras["crop_size"]),
+        device,
+        scales,
+        flip,
+        args.workers,
     )
     _report(metrics, args, f"scales {', '.join(map(str, scales))}{' + flip' if flip else ''}: ")
     return 0
@@ -284,14 +286,14 @@ def _segment_predict(args: argparse.Namespace) -> int:
 
     scales, flip = _test_scales(args)
 
-    def draw(model, info, device, image):
-        resized = v2.functional.resize(image, info["crop_size"], antialias=True)
+    def draw(model, description, device, image):
+        resized = v2.functional.resize(image, description.extras["crop_size"], antialias=True)
         probabilities = predict_probabilities(
             model, resized.to(device), tuple(image.shape[-2:]), scales, flip
         )
         class_map = probabilities.argmax(0).cpu()
-        present = [info["class_names"][int(c)] for c in class_map.unique()]
-        canvas = draw_class_map(image, class_map, info["num_classes"])
+        present = [description.class_names[int(c)] for c in class_map.unique()]
+        canvas = draw_class_map(image, class_map, description.extras["num_classes"])
         return canvas, {"classes": present}, ", ".join(present)
 
     return _predict_all(args, "segment", draw)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sepvit.cli.options import add_img_size, add_json, img_size, positive, positive_float, print_json
+from sepvit.engine.description import RunDescription
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -24,7 +25,10 @@ def register(subparsers) -> None:
         "A checkpoint of `sepvit train` exports with its classes and preprocessing, for `sepvit eval` "
         "and `sepvit predict`; --int8 quantises it, refusing when top-1 drops more than --max-drop.",
     )
-    parser.add_argument("model", help="model name (ours or timm's), or a checkpoint of `sepvit train`")
+    parser.add_argument(
+        "model", help="model name (ours or timm's), or a checkpoint of a classification, detection or "
+        "segmentation run (a RetinaNet exports its per-anchor outputs, a segmenter its logits)",
+    )  # fmt: skip
     parser.add_argument(
         "-o", "--output", type=Path,
         help="ONNX file (default: MODEL.onnx, or beside the checkpoint: NAME.onnx / NAME-int8.onnx)",
@@ -89,12 +93,12 @@ def _export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
 
     if args.int8 and args.fp16:
         raise ConfigError("--int8 and --fp16 exclude each other")
-    model, name, (channels, height, width), info = _model_to_export(args)
+    model, name, (channels, height, width), description = _model_to_export(args)
     if args.deploy:
         model = prepare_deploy(model)
     if args.output is not None:
         output = args.output
-    elif info is not None:
+    elif description is not None:
         output = Path(args.model).with_name(Path(args.model).stem + ("-int8" if args.int8 else "") + ".onnx")
     else:
         output = Path(f"{name}.onnx")
@@ -107,12 +111,13 @@ def _export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         "model": name, "path": str(output), "fp16": args.fp16, "int8": args.int8, "deploy": args.deploy,
         "opset": args.opset,
     }  # fmt: skip
+    metadata = None if description is None else description.to_metadata()
     with tempfile.TemporaryDirectory(prefix="sepvit-export-") as folder:
         float_path = Path(folder) / "float.onnx" if args.int8 else output
         try:
             exported = export_onnx(
                 model, float_path, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
-                opset=args.opset, name=name, check_shapes=shapes, tolerance=args.tolerance, metadata=info,
+                opset=args.opset, name=name, check_shapes=shapes, tolerance=args.tolerance, metadata=metadata,
             )  # fmt: skip
         except ExportMismatchError as error:
             print(f"  FAILED: {error}")
@@ -130,7 +135,7 @@ def _export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
             for r in exported.comparisons
         ]
         if args.int8:
-            report["int8"] = _quantize(args, exported.path, output, info)
+            report["int8"] = _quantize(args, exported.path, output, description)
     report.update(_report_operators(output))
     return 0, report
 
@@ -148,22 +153,19 @@ def _report_operators(output: Path) -> dict[str, Any]:
 
 
 def _model_to_export(args: argparse.Namespace):
-    """(model, name, (C, H, W), checkpoint information or None) for the command's model argument."""
+    """(model, name, (C, H, W), the run's description or None) for the command's model argument."""
     from sepvit.errors import ConfigError
     from sepvit.models import create_model, default_input_size
 
     if _is_checkpoint(args.model):
-        from sepvit.classify.inference import load_model
-
         if args.img_size is not None:
             raise ConfigError(
                 "a checkpoint exports at the input size it was trained for; --dynamic-size serves others"
             )
-        model, info = load_model(args.model)
-        checkpoint_info = {
-            key: info[key] for key in ("model", "model_kwargs", "classes", "data", "data_config")
-        }
-        return model, info["model"], tuple(info["data_config"]["input_size"]), checkpoint_info
+        model, description = _run_to_export(args.model)
+        if args.int8 and description.task != "classify":
+            raise ConfigError("--int8 measures top-1: it quantises classification runs")
+        return model, description.model, (3, *description.input_size), description.at()
     if args.int8:
         raise ConfigError("--int8 needs a trained checkpoint (its accuracy is what the gate measures)")
     size = img_size(args)
@@ -174,16 +176,36 @@ def _model_to_export(args: argparse.Namespace):
     return model, args.model, (channels, height, width), None
 
 
-def _quantize(args: argparse.Namespace, float_path: Path, output: Path, info: dict) -> dict[str, Any]:
+def _run_to_export(path: str):
+    """A run's model in the form that exports, and its description."""
+    from sepvit.runs import load_run
+
+    model, description = load_run(path)
+    if description.task == "detect":
+        from sepvit.dense.detection import exportable
+
+        model = exportable(model)
+    return model, description
+
+
+def _quantize(
+    args: argparse.Namespace, float_path: Path, output: Path, description: RunDescription
+) -> dict[str, Any]:
     """Quantise ``float_path`` to ``output`` behind the gate; print and return what was measured."""
     from sepvit.errors import ConfigError
     from sepvit.export.calibration import quantize_on_data
 
-    data = args.calibration or info.get("data")
+    data = args.calibration or description.data
     if not data:
         raise ConfigError("pass --calibration (digits or a folder): the checkpoint does not name its data")
     result, calibration_count, held_out_count = quantize_on_data(
-        float_path, output, data, info["data_config"], info["classes"], args.calibration_images, args.max_drop
+        float_path,
+        output,
+        data,
+        description.data_config,
+        description.class_names,
+        args.calibration_images,
+        args.max_drop,
     )
     kept = f", {len(result.kept_in_float)} sensitive nodes kept in float" if result.kept_in_float else ""
     print(f"  int8: top-1 {result.float_top1:.2f}% fp32 -> {result.int8_top1:.2f}% int8 "

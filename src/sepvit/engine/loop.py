@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, Subset
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.config import AUTO, TrainConfig
 from sepvit.engine.data import SeededItems, ShardedSampler, make_loader, one_line
+from sepvit.engine.description import RunDescription
 from sepvit.engine.distributed import DistContext, all_reduce, any_process, from_main, gather
 from sepvit.engine.optim import amp_dtype, autocast, build_optimizer, build_scheduler
 from sepvit.engine.reporting import Progress, TensorBoard, epoch_summary, log, try_plot_curves, write_csv
@@ -98,7 +99,7 @@ class Task(abc.ABC):
         """Validation metrics; processes other than rank 0 may return None (rank 0's are used)."""
 
     @abc.abstractmethod
-    def checkpoint_info(self) -> dict[str, Any]:
+    def describe(self) -> RunDescription:
         """What rebuilds the model from a checkpoint (stored in every weights file)."""
 
     def batch_images(self, batch: Any) -> int:
@@ -327,15 +328,10 @@ class Trainer:
         return run_dir
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _info(self, weights: str, metrics: dict[str, float] | None) -> dict[str, Any]:
-        return {
-            **self.task.checkpoint_info(),
-            "task": self.task.kind.name,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "weights": weights,
-            **(metrics or {}),
-        }
+    def _info(self, weights: str, metrics: dict[str, float] | None) -> RunDescription:
+        return self.task.describe().at(
+            epoch=self.epoch, step_in_epoch=self.step_in_epoch, weights=weights, **(metrics or {})
+        )
 
     def _kept(self) -> str:
         if self.saved_at is None:
