@@ -2,7 +2,7 @@
 
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, Subject, run_benchmark
 from sepvit.bench.models import bench_model, resolve_model_names
-from sepvit.bench.presets import PAPER_TOP1, PRESETS
+from sepvit.bench.presets import PAPER_TOP1, PRESETS, paper_top1
 
 __all__ = [
     "PAPER_TOP1",
@@ -12,6 +12,7 @@ __all__ = [
     "BenchSettings",
     "Subject",
     "bench_model",
+    "paper_top1",
     "resolve_model_names",
     "run_benchmark",
 ]

@@ -9,7 +9,7 @@ import timm
 from torch import nn
 
 from sepvit.bench.measure import Subject
-from sepvit.bench.presets import PAPER_TOP1, PRESETS
+from sepvit.bench.presets import PRESETS, paper_top1
 from sepvit.errors import UnknownModelError
 from sepvit.models import create_model, default_input_size, unknown_model_message
 from sepvit.utils.extras import require
@@ -58,5 +58,5 @@ def model_subjects(
         def build(name: str = name) -> nn.Module:
             return bench_model(name, img_size)
 
-        subjects += [Subject(name, build, shape, backend, PAPER_TOP1.get(name)) for backend in backends]
+        subjects += [Subject(name, build, shape, backend, paper_top1(name)) for backend in backends]
     return subjects
