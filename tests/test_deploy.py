@@ -237,7 +237,7 @@ def test_onnx_eval_errors_are_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a protobuf")
     for path, message in (
-        (foreign, "foreign.onnx does not say what it classifies (no sepvit metadata)"),
+        (foreign, "foreign.onnx does not say what it classifies (no sepvit metadata"),
         (broken, "broken.onnx is not a readable ONNX file"),
         (tmp_path / "missing.onnx", "missing.onnx does not exist"),
     ):

@@ -54,6 +54,20 @@ def images(size: int, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def fx_model(model: torch.nn.Module, **tracer_options) -> torch.fx.GraphModule:
+    """timm's _create_fx_model: the model as a torch.fx graph that returns its last node."""
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), **tracer_options
+    )
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model,
+        train_return_nodes=[train_nodes[-1]],
+        eval_return_nodes=[eval_nodes[-1]],
+        tracer_kwargs=tracer_kwargs,
+    )
+
+
 def output_axes(model: torch.nn.Module) -> tuple[int, tuple[int, int]]:
     """Channel and spatial axes of the model's unpooled features; every model states its format
     (timm assumes NCHW where a model does not)."""
@@ -209,14 +223,7 @@ def test_features_only_fx(name):
 def test_fx_trace_forward_and_backward(name):
     """timm's test_model_forward_fx / backward_fx: the traced graph computes what the model does."""
     model = create(name, num_classes=42).eval()
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(
-        model,
-        train_return_nodes=[train_nodes[-1]],
-        eval_return_nodes=[eval_nodes[-1]],
-        tracer_kwargs=tracer_kwargs,
-    )
+    traced = fx_model(model)
     x = images(SMALL, batch=2)
     with torch.no_grad():
         assert torch.equal(next(iter(traced(x).values())), model(x))
@@ -241,19 +248,7 @@ def test_fx_trace_then_torchscript(name):
     """timm's test_model_forward_fx_torchscript: the torch.fx graph of the model, scripted, runs."""
     with timm.set_scriptable(True):
         model = create(name).eval()
-    tracer_kwargs = dict(
-        leaf_modules=get_notrace_modules(),
-        autowrap_functions=get_notrace_functions(),
-        param_shapes_constant=True,
-    )
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(
-        model,
-        train_return_nodes=[train_nodes[-1]],
-        eval_return_nodes=[eval_nodes[-1]],
-        tracer_kwargs=tracer_kwargs,
-    )
-    scripted = torch.jit.script(traced)
+    scripted = torch.jit.script(fx_model(model, param_shapes_constant=True))
     with torch.no_grad():
         out = next(iter(scripted(images(JIT)).values()))
     assert out.shape == (1, model.num_classes)

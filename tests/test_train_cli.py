@@ -130,3 +130,15 @@ def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         == 2
     )
     assert "--amp fp16 needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_classify_commands_and_their_short_forms_are_one(command: str) -> None:
+    arguments = {"train": [], "eval": ["best.safetensors"], "predict": ["best.safetensors", "a.png"]}[command]
+    grouped = build_parser().parse_args(["classify", command, *arguments])
+    short = build_parser().parse_args([command, *arguments])
+    assert grouped.func is short.func and vars(grouped) == {
+        **vars(short),
+        "command": "classify",
+        "action": command,
+    }

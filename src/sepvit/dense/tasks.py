@@ -81,6 +81,18 @@ class DenseTask(Task):
     def describe(self) -> RunDescription:
         return self.description
 
+    def _description(self, input_size: tuple[int, int], **extras: Any) -> RunDescription:
+        """The run's description once the training set is loaded; ``extras``: the task's options."""
+        return RunDescription(
+            task=self.kind.name,
+            model=self.config.model,
+            model_kwargs={},
+            class_names=self.train_set.class_names,
+            input_size=input_size,
+            data=self.config.data,
+            extras={"num_classes": self.train_set.num_classes, **extras},
+        )
+
     def loss(
         self, model: nn.Module, batch: Any, device: torch.device
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -116,22 +128,14 @@ class DetectionTask(DenseTask):
         min_sizes = [config.min_size]
         if config.multi_scale:
             min_sizes = list(range(config.min_size, round(0.6 * config.min_size) - 1, -32))[::-1]
-        self.description = RunDescription(
-            task=self.kind.name,
-            model=config.model,
-            model_kwargs={},
-            class_names=self.train_set.class_names,
-            input_size=(config.min_size, config.max_size),
-            data=config.data,
-            extras={
-                "arch": config.arch,
-                "num_classes": self.train_set.num_classes,
-                "category_ids": self.train_set.category_ids,
-                "train_min_sizes": min_sizes,
-                "max_size": config.max_size,
-                "fpn_channels": config.fpn_channels,
-                "rois_per_image": config.rois_per_image,
-            },
+        self.description = self._description(
+            (config.min_size, config.max_size),
+            arch=config.arch,
+            category_ids=self.train_set.category_ids,
+            train_min_sizes=min_sizes,
+            max_size=config.max_size,
+            fpn_channels=config.fpn_channels,
+            rois_per_image=config.rois_per_image,
         )
         self.model = build_detection_model(self.description, config.drop_path)
         self._load_backbone(self.model.backbone.body, context)
@@ -164,19 +168,11 @@ class SegmentationTask(DenseTask):
         self.train_set = ADE20KSegmentation(root, config.train_split, transforms, num_classes)
         val_set = ADE20KSegmentation(root, config.val_split, None, self.train_set.num_classes)
         self.val_set = SegmentationEvalDataset(val_set, config.crop_size)
-        self.description = RunDescription(
-            task=self.kind.name,
-            model=config.model,
-            model_kwargs={},
-            class_names=self.train_set.class_names,
-            input_size=(config.crop_size, config.crop_size),
-            data=config.data,
-            extras={
-                "head": config.head,
-                "num_classes": self.train_set.num_classes,
-                "crop_size": config.crop_size,
-                "head_channels": config.head_channels,
-            },
+        self.description = self._description(
+            (config.crop_size, config.crop_size),
+            head=config.head,
+            crop_size=config.crop_size,
+            head_channels=config.head_channels,
         )
         self.model = build_segmentation_model(self.description, config.drop_path)
         self._load_backbone(self.model.body, context)
