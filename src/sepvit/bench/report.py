@@ -14,7 +14,7 @@ from sepvit.bench.measure import BenchResult, BenchRun
 from sepvit.errors import MissingExtraError
 from sepvit.utils.extras import require
 from sepvit.utils.files import write_text
-from sepvit.utils.plots import pyplot, save_figure
+from sepvit.utils.plots import save_figure
 
 COLUMNS = (
     ("model", "{}"),
@@ -179,7 +179,8 @@ def plot(run: BenchRun, path: str | os.PathLike) -> None:
 
     import numpy as np
 
-    plt = pyplot("bench")
+    require("matplotlib", "bench").use("Agg")
+    plt = require("matplotlib.pyplot", "bench")
     ticker = require("matplotlib.ticker", "bench")
 
     plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")

@@ -8,10 +8,10 @@ from sepvit.utils.extras import require
 from sepvit.utils.files import write_atomically
 
 
-def pyplot(extra: str = "train"):
-    """``matplotlib.pyplot`` on the Agg backend; ``extra`` names the install extra that brings it."""
-    require("matplotlib", extra).use("Agg")
-    return require("matplotlib.pyplot", extra)
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    require("matplotlib", "train").use("Agg")
+    return require("matplotlib.pyplot", "train")
 
 
 def save_figure(figure, path: Path) -> Path:
