@@ -49,6 +49,12 @@ def unknown_model_message(name: str, other_names: Iterable[str] = ()) -> str:
     return f"unknown model {name!r}{hint}"
 
 
+def _registered(model_name: str) -> bool:
+    """A registered model, also with a weights tag (``name.tag``) or from the hub (``hf-hub:...``)."""
+    source, name = timm.models.parse_model_name(model_name)
+    return source is not None or timm.is_model(timm.models.split_model_name_tag(name)[0])
+
+
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` with this package's models registered; same arguments, and:
 
@@ -57,7 +63,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
     cannot be loaded with ``pretrained=True`` raise :class:`~sepvit.errors.WeightsNotFoundError`.
     ``features_only=True`` gives the backbone's feature maps, as in timm.
     """
-    if not timm.is_model(model_name):
+    if not _registered(model_name):
         raise UnknownModelError(unknown_model_message(model_name))
     while True:
         try:
@@ -78,7 +84,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
 
 def default_input_size(model_name: str) -> tuple[int, int, int]:
     """The model's configured input size (C, H, W); 224×224 RGB when it declares none."""
-    if not timm.is_model(model_name):
+    if not _registered(model_name):
         raise UnknownModelError(unknown_model_message(model_name))
     cfg = timm.models.get_pretrained_cfg(model_name)
     return tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
