@@ -1,16 +1,31 @@
-"""Trained runs of every task, loaded from their checkpoints: what evaluation, prediction, export,
-explanation and the accuracy benchmarks start from."""
+"""Runs of every task: training one to an outcome, and loading a trained one from its checkpoint,
+which evaluation, prediction, export, explanation and the accuracy benchmarks start from."""
 
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 
 from torch import nn
 
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.description import RunDescription
+from sepvit.engine.loop import RunResult, Task
+from sepvit.engine.run import train
 from sepvit.errors import CheckpointError
 from sepvit.models import create_model
+
+
+def run_training(task: Task, resume_dir: Path | None = None) -> tuple[int, RunResult | None]:
+    """Train ``task``: its status and, on rank 0, its result. The status is what a process that ran
+    it exits with: 0 when it finished, 128 + N when signal N stopped it (a checkpoint was saved)."""
+    result = train(task, resume_dir)
+    status = 0
+    if result.interrupted_by:
+        signum = getattr(signal, result.interrupted_by, None)
+        status = 128 + int(signum) if signum is not None else 1
+    return status, result if result.main_process else None
 
 
 def build_model(description: RunDescription) -> nn.Module:

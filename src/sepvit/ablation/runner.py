@@ -134,7 +134,7 @@ def train_one(
     from sepvit.classify.task import ClassificationTask, classification_loader, evaluate
     from sepvit.engine.distributed import single_process
     from sepvit.engine.loop import seed_everything
-    from sepvit.engine.run import run_training
+    from sepvit.runs import run_training
     from sepvit.utils import count_macs, count_params
 
     variant = VARIANTS[variant_name]

@@ -3,7 +3,8 @@
 Only here do the library's exceptions become messages and exit codes: a
 :class:`~sepvit.errors.SepViTError` is printed as one line ``sepvit COMMAND: error: ...`` with exit
 code 1 when a run could not go on (:class:`~sepvit.errors.TrainingError`) and 2 for bad input,
-options or files; a run stopped by signal N (after saving) exits with 128 + N.
+options or files; a training command stopped by signal N (after saving) exits with 128 + N, the
+status :func:`sepvit.runs.run_training` gives.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def run_summary(result: RunResult) -> dict[str, Any]:
 def train(task: Task, resume_dir: Path | None, as_json: bool) -> tuple[int, RunResult | None]:
     """Train ``task``: (exit code, the result on rank 0). ``as_json``: the log goes to standard error
     and rank 0 prints :func:`run_summary` as JSON on standard output."""
-    from sepvit.engine.run import run_training
+    from sepvit.runs import run_training
 
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         code, result = run_training(task, resume_dir)

@@ -111,8 +111,9 @@ class RunResult:
     run_dir: Path
     history: list[dict[str, Any]]
     best: dict[str, Any] = field(default_factory=dict)
-    interrupted_by: str | None = None
+    interrupted_by: str | None = None  # the signal that stopped the run (after saving), if any
     plots: list[Path] = field(default_factory=list)
+    main_process: bool = True  # rank 0 of a torchrun job, which writes the run folder and reports
 
 
 def capture_rng() -> dict[str, Any]:
@@ -634,7 +635,7 @@ class Trainer:
         self.tensorboard = TensorBoard(
             self.run_dir / "tensorboard" if config.tensorboard and context.is_main else None
         )
-        result = RunResult(self.run_dir, self.history)
+        result = RunResult(self.run_dir, self.history, main_process=context.is_main)
         self.stop.install()
         try:
             while self.epoch < config.epochs:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 from sepvit.engine.checkpoint import BEST, LAST, LAST_EMA, weights_path
@@ -16,23 +15,21 @@ def _metric(values: dict, name: str) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def run_training(task: Task, resume_dir: Path | None = None) -> tuple[int, RunResult | None]:
-    """Train ``task``; returns the run's status and, on rank 0, its result.
-
-    The status is 0 when the run finished and 128 + N when signal N stopped it (a checkpoint was
-    saved), as a shell reports a process stopped by a signal; errors propagate as the library's
-    exceptions.
-    """
+def train(task: Task, resume_dir: Path | None = None) -> RunResult:
+    """Train ``task`` in this process (every process of a torchrun job calls it); errors propagate as
+    the library's exceptions. A run stopped by SIGINT or SIGTERM saves first and returns, naming the
+    signal (``interrupted_by``); a finished run tells on rank 0 where its weights are."""
     context = init_distributed(task.config.device)
     try:
         result = Trainer(task.config, task, context, resume_dir=resume_dir).run()
     finally:
         shutdown(context)
-    if result.interrupted_by:
-        signum = getattr(signal, result.interrupted_by, None)
-        return (128 + int(signum) if signum is not None else 1), result if context.is_main else None
-    if not context.is_main:
-        return 0, None
+    if result.main_process and not result.interrupted_by:
+        _log_outcome(result)
+    return result
+
+
+def _log_outcome(result: RunResult) -> None:
     if result.best:
         metric, last = result.best["metric"], result.history[-1]
         log(
@@ -48,4 +45,3 @@ def run_training(task: Task, resume_dir: Path | None = None) -> tuple[int, RunRe
             )
         plots = ", ".join(str(path) for path in result.plots) or "none"
         log(f"metrics: {result.run_dir / 'metrics.csv'}; plots: {plots}")
-    return 0, result
