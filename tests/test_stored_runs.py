@@ -1,6 +1,7 @@
-"""Checkpoints written by an earlier version keep loading: one small run of each task, stored in
-tests/data/runs/ (a ``test_efficientnet`` model trained for one epoch: classification on the digits
-at 32 px, detection and segmentation on the embedded shapes at 64 px)."""
+"""Checkpoints written by an earlier version keep loading: one small run of each task, written
+before runs stored a RunDescription, in tests/data/checkpoints/ (``test_efficientnet`` trained for
+one epoch: classification on the digits at 32 px, detection at 160 px and segmentation at 64 px
+on the embedded shapes)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sepvit.cli import main
 from sepvit.runs import load_run
 from sepvit.utils.onnx_runtime import read_metadata
 
-STORED = Path(__file__).parent / "data" / "runs"
+STORED = Path(__file__).parent / "data" / "checkpoints"
 
 
 @pytest.fixture
