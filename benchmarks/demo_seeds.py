@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sepvit.train.data import DIGITS, DIGITS_DATA, digits_split_indices
+from sepvit.classify.data import DIGITS, DIGITS_DATA, digits_split_indices
 
 SVM_C, SVM_GAMMA = 1.0, 0.001  # scikit-learn's digits example
 SVM_C_GRID = (1.0, 10.0, 100.0)
@@ -128,8 +128,8 @@ def evaluation_probabilities(run_dir: Path, data: str) -> tuple[Any, Any]:
     and with the preprocessing ``sepvit eval`` uses, and the images' labels."""
     import torch
 
+    from sepvit.classify.inference import held_out_loader, load_model
     from sepvit.engine.distributed import DistContext
-    from sepvit.train.inference import held_out_loader, load_model
 
     model, info = load_model(str(run_dir / "last_ema.safetensors"))
     loader = held_out_loader(data, info, 256, 0, DistContext(0, 1, 0, torch.device("cpu")))

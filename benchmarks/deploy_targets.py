@@ -69,8 +69,8 @@ from sepvit.bench.measure import BenchRun, BenchSettings, Subject, run_benchmark
 from sepvit.bench.models import model_subjects
 from sepvit.bench.report import format_table, machine_description, write_outputs
 from sepvit.bench.targets import Target, result, speedup, targets_table
-from sepvit.engine.files import write_text
 from sepvit.errors import ConfigError, ExportError, MissingExtraError, SepViTError
+from sepvit.utils.files import write_text
 
 SEPVIT, SWIN = "sepvit_tiny", "swin_tiny_patch4_window7_224"
 INT8_MODELS = ("sepvit_lite", "sepvit_tiny")

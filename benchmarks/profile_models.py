@@ -17,7 +17,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sepvit.models.names import create_model, default_input_size
+from sepvit.bench.models import bench_model
+from sepvit.models import default_input_size
 from sepvit.utils import keep_freed_memory
 
 PROFILE_ITERS = 2  # forwards per profiling session
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the sepvit command does (SEPVIT_KEEP_FREED_MEMORY=0 turns it off)
-    models = {name: create_model(name) for name in args.models}
+    models = {name: bench_model(name) for name in args.models}
     for model in models.values():
         label_modules(model)
     inputs = {name: torch.randn(args.batch_size, *default_input_size(name)) for name in args.models}

@@ -27,8 +27,8 @@ from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, run_bench
 from sepvit.bench.models import model_subjects
 from sepvit.bench.report import format_table, write_outputs
 from sepvit.bench.targets import Target
-from sepvit.engine.files import write_text
 from sepvit.utils import keep_freed_memory
+from sepvit.utils.files import write_text
 
 SEPVIT, SWIN, VIT_PYTORCH = "sepvit_tiny", "swin_tiny_patch4_window7_224", "vitpytorch_sepvit_tiny"
 

@@ -20,7 +20,7 @@ def one_thread():
 def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits splits at 32 px as PNG files (lossless: the pixels the digits data set gives)
     in ROOT/{train,val}/<digit>/NNNN.png."""
-    from sepvit.train.data import load_digits_split
+    from sepvit.classify.data import load_digits_split
 
     root = tmp_path_factory.mktemp("digits")
     for split in ("train", "val"):

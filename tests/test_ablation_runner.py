@@ -274,9 +274,11 @@ def test_ablate_writes_under_runs_by_default_and_into_docs_only_when_asked(tmp_p
     ).exists()
     capsys.readouterr()
     for bad in (["--threads", "0"], ["--jobs", "0"], ["--seeds", "-1"], ["--data-seed", "-2"]):
-        assert main(["ablate", "--report-only", *bad]) == 2
-        error = capsys.readouterr().err.strip().splitlines()
-        assert len(error) == 1 and error[0].startswith(f"sepvit ablate: error: {bad[0]} must be at least")
+        with pytest.raises(SystemExit) as stopped:
+            main(["ablate", "--report-only", *bad])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"sepvit ablate: error: argument {bad[0]}: must be at least"), error
 
 
 def test_runs_folder_that_cannot_be_written_is_one_line_error(tmp_path, capsys):

@@ -230,14 +230,14 @@ def test_a_trained_model_that_pools_regions_stays_under_the_ceiling_one_that_com
     one_thread,
 ) -> None:
     spec = TaskSpec()
-    train, test = generate_split(spec, "train", 5000), generate_split(spec, "test", 1000)
+    train, test = generate_split(spec, "train", 6000), generate_split(spec, "test", 1000)
     inputs, targets = as_regions(train.images), torch.as_tensor(train.labels)
     accuracy = {}
     for model_type in (PooledModel, CombiningModel):
         torch.manual_seed(0)
         model = model_type()
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-        for _ in range(3):
+        for _ in range(5):
             for batch in torch.randperm(len(targets)).split(64):
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()

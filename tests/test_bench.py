@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from sepvit.bench.blocks import table1_subjects
-from sepvit.bench.cli import register
 from sepvit.bench.measure import Spread
 from sepvit.bench.models import UnknownModelError, resolve_model_names
 from sepvit.bench.presets import PRESETS
 from sepvit.bench.report import pareto_front
+from sepvit.cli.bench import register
 from sepvit.errors import ConfigError
 from sepvit.utils import count_macs, count_params
 

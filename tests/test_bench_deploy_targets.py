@@ -15,10 +15,10 @@ import torch
 
 from sepvit.bench.accuracy import CastInputs, int8_top1, precision_top1
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, Spread
+from sepvit.classify.inference import run_eval
+from sepvit.classify.models import build_classifier, data_config_for, describe_classifier
 from sepvit.engine.checkpoint import weights_writer
 from sepvit.errors import ConfigError
-from sepvit.train.inference import run_eval
-from sepvit.train.models import create_model, data_config_for
 from sepvit.utils import freed_memory_kept
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "deploy_targets.py"
@@ -181,11 +181,10 @@ def digits_checkpoint(tmp_path_factory) -> str:
     architecture = dict(
         window_size=4, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)
     )
-    model, kwargs = create_model("sepvit_lite", 10, 32, architecture=architecture)
-    info = {
-        "task": "classify", "model": "sepvit_lite", "model_kwargs": kwargs, "classes": list("0123456789"),
-        "data": "digits", "data_config": data_config_for(model, 32, 1.0),
-    }  # fmt: skip
+    model, kwargs = build_classifier("sepvit_lite", 10, 32, architecture=architecture)
+    info = describe_classifier(
+        "sepvit_lite", kwargs, list("0123456789"), data_config_for(model, 32, 1.0), "digits"
+    )
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
     weights_writer(model.state_dict(), info)(str(path))
     return str(path)

@@ -29,11 +29,11 @@ def train_and_evaluate(options: dict, out: str, shards: str, evaluated: str, wor
 
     from safetensors.torch import load_file, save_file
 
+    from sepvit.classify.config import ClassifyConfig
+    from sepvit.classify.data import ClassifySample, eval_transform
+    from sepvit.classify.task import ClassificationTask, classification_loader, evaluate
     from sepvit.engine.loop import Trainer
     from sepvit.engine.shards import ShardStream, open_shards
-    from sepvit.train.config import ClassifyConfig
-    from sepvit.train.data import ClassifySample, eval_transform
-    from sepvit.train.task import ClassificationTask, classification_loader, evaluate
 
     config = ClassifyConfig(**options)
     task = ClassificationTask(config)
@@ -142,10 +142,10 @@ def test_two_nodes_train_like_one_process_and_evaluate_shards_exactly(
 
 
 def test_sync_bn_with_several_cpu_processes_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from sepvit.classify.config import ClassifyConfig
+    from sepvit.classify.task import ClassificationTask
     from sepvit.engine.loop import Trainer
     from sepvit.errors import ConfigError
-    from sepvit.train.config import ClassifyConfig
-    from sepvit.train.task import ClassificationTask
 
     config = ClassifyConfig(model="sv_efficientvit_m0", sync_bn=True, output=str(tmp_path), lr=1e-3)
     with pytest.raises(ConfigError, match="--sync-bn needs GPUs"):

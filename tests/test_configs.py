@@ -9,10 +9,10 @@ import pytest
 import timm
 
 import sepvit  # noqa: F401  (registers our models with timm)
+from sepvit.classify.config import PRESETS, RUN_DEFINING, ClassifyConfig
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import build_parser
-from sepvit.engine.config import resolve_run_config
-from sepvit.train.config import PRESETS, RUN_DEFINING, ClassifyConfig
-from sepvit.train.task import ClassificationTask
+from sepvit.cli.options import config_from_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -32,7 +32,7 @@ EXPECTED = {
 
 def _load(path: Path, world_size: int) -> ClassifyConfig:
     namespace = build_parser().parse_args(["train", "--config", str(path), "--data", "imagenet"])
-    config, resumed = resolve_run_config(ClassifyConfig, namespace, PRESETS, RUN_DEFINING)
+    config, resumed = config_from_args(ClassifyConfig, namespace, PRESETS, RUN_DEFINING)
     assert resumed is None and config.data == "imagenet"  # flags still win over the file
     return ClassificationTask(config).resolve(config, world_size)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from sepvit.train.data import DIGITS, DIGITS_VAL, digits_split_indices, load_image_sets
+from sepvit.classify.data import DIGITS, DIGITS_VAL, digits_split_indices, load_image_sets
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
 # One epoch on 64 training images: seconds per seed, enough to exercise the whole path.

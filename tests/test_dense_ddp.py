@@ -27,7 +27,7 @@ import json, os, sys
 from safetensors.torch import save_file
 from sepvit.cli import main
 from sepvit.dense.tasks import DenseTask
-from sepvit.engine import files
+from sepvit.utils import files
 from sepvit.engine.loop import Trainer
 
 keep, rank, written = sys.argv[1], os.environ["RANK"], []
@@ -136,7 +136,7 @@ def test_two_processes_train_in_step_and_rank_zero_writes(tmp_path: Path, name: 
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     saved, info = read_checkpoint(run / "last.safetensors")
-    assert info["epoch"] == 1 and all(torch.equal(saved[key], rank0[key]) for key in rank0)
+    assert info.progress["epoch"] == 1 and all(torch.equal(saved[key], rank0[key]) for key in rank0)
     # They are the seeded initialisation (--seed 0) after two small AdamW steps (lr ≤ 1e-4).
     torch.manual_seed(0)
     build = build_detection_model if command[0] == "detect" else build_segmentation_model

@@ -129,7 +129,7 @@ def test_foreign_or_wrong_checkpoints_are_refused(tmp_path):
     wider = tmp_path / "wider.safetensors"
     state = timm.create_model(BACKBONE, embed_dims=(48, 96, 192, 384)).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(wider))
-    with pytest.raises(CheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="shapes differ"):
         load_classification_checkpoint(body, BACKBONE, wider, img_size=(64, 64))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _run_cli(*argv: str) -> int:
     import argparse
 
-    from sepvit.dense.cli import register
+    from sepvit.cli.dense import register
 
     parser = argparse.ArgumentParser(prog="sepvit")
     register(parser.add_subparsers(dest="command", required=True))
@@ -147,8 +147,8 @@ def test_commands_train_resume_evaluate_and_predict(tmp_path, capsys):
     assert _run_cli("detect", "train", "--epochs", "2", "--resume", str(run)) == 0
     assert [row["epoch"] for row in _csv_rows(run / "metrics.csv")] == ["1", "2"]
     _, info = read_checkpoint(run / "last.safetensors", "detect")
-    assert info["epoch"] == 2 and info["arch"] == "maskrcnn"
-    assert info["class_names"] == list(synthetic.SHAPE_NAMES)
+    assert info.progress["epoch"] == 2 and info.extras["arch"] == "maskrcnn"
+    assert info.class_names == list(synthetic.SHAPE_NAMES)
     with pytest.raises(ConfigError, match="cannot change --fpn-channels from 16 to 8"):
         _run_cli("detect", "train", "--epochs", "3", "--resume", str(run), "--fpn-channels", "8")
 
@@ -229,4 +229,4 @@ def test_the_backbone_is_the_one_the_classification_checkpoint_names(tmp_path, c
                ]  # fmt: skip
     assert main(segment) == 0  # the paper preset's backbone is sepvit_tiny; the checkpoint's is used
     assert "backbone from" in capsys.readouterr().out
-    assert read_checkpoint(tmp_path / "seg" / "last.safetensors")[1]["model"] == "sepvit_lite"
+    assert read_checkpoint(tmp_path / "seg" / "last.safetensors")[1].model == "sepvit_lite"

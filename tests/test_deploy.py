@@ -3,6 +3,8 @@ ONNX files evaluated and used for prediction like the checkpoints they come from
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -118,7 +120,7 @@ def digits_classifier(tmp_path_factory):
 
 
 def onnx_top1(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    from sepvit.engine.onnx_runtime import onnxruntime_session
+    from sepvit.utils.onnx_runtime import onnxruntime_session
 
     logits = onnxruntime_session(path).run(None, {"input": images})[0]
     return 100.0 * float((logits.argmax(1) == labels).mean())
@@ -179,11 +181,10 @@ def exports(digits_run, tmp_path_factory):
     """fp32 and int8 exports of the run's checkpoint, and the int8 export's JSON report."""
     checkpoint = digits_run / "last.safetensors"
     assert main(["export", str(checkpoint)]) == 0
-    report = tmp_path_factory.mktemp("report") / "int8.json"
-    assert (
-        main(["export", str(checkpoint), "--int8", "--calibration-images", "64", "--json", str(report)]) == 0
-    )
-    return digits_run / "last.onnx", digits_run / "last-int8.onnx", json.loads(report.read_text())
+    report = io.StringIO()  # --json prints the report on standard output
+    with contextlib.redirect_stdout(report):
+        assert main(["export", str(checkpoint), "--int8", "--calibration-images", "64", "--json"]) == 0
+    return digits_run / "last.onnx", digits_run / "last-int8.onnx", json.loads(report.getvalue())
 
 
 def eval_json(path: Path, capsys) -> dict:
@@ -236,7 +237,7 @@ def test_onnx_eval_errors_are_one_line(tmp_path, capsys):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a protobuf")
     for path, message in (
-        (foreign, "foreign.onnx does not say what it classifies (no sepvit metadata)"),
+        (foreign, "foreign.onnx does not say what it classifies (no sepvit metadata"),
         (broken, "broken.onnx is not a readable ONNX file"),
         (tmp_path / "missing.onnx", "missing.onnx does not exist"),
     ):

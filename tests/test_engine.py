@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
+from sepvit.classify.config import ClassifyConfig
 from sepvit.cli import main
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine import files
 from sepvit.engine.config import build_config, read_config_file
 from sepvit.engine.data import output_names
+from sepvit.engine.description import RunDescription
 from sepvit.errors import CheckpointError, ConfigError
-from sepvit.train.config import ClassifyConfig
+from sepvit.utils import files
 
 
 def test_yaml_numbers_written_as_strings_are_parsed_and_words_refused(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def _state_dict(value: float) -> dict[str, torch.Tensor]:
 
 
 def _save(checkpoints: ckpt.RunCheckpoints, epoch: int, best: bool) -> None:
-    info = {"model": "m", "epoch": epoch, "step_in_epoch": 0}
+    info = RunDescription("classify", "m", {}, ["a"], (8, 8)).at(epoch=epoch, step_in_epoch=0)
     weights = {ckpt.LAST: (_state_dict(epoch), info), ckpt.LAST_EMA: (_state_dict(-epoch), info)}
     if best:
         weights[ckpt.BEST] = (_state_dict(10 * epoch), info)
@@ -141,7 +142,7 @@ def test_a_kill_at_any_file_operation_of_a_save_leaves_a_resumable_set(
         monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
         # what a resume does: load the set LATEST names, whole and consistent, and republish it
         folder, weights, info, state = checkpoints.load()
-        assert state["epoch"] == info["epoch"] in (1, 2)
+        assert state["epoch"] == info.progress["epoch"] in (1, 2)
         assert torch.equal(weights["weight"], torch.full((4, 4), float(state["epoch"])))
         ema = ckpt.read_checkpoint(ckpt.weights_path(folder, ckpt.LAST_EMA))[0]
         assert torch.equal(ema["weight"], torch.full((4, 4), -float(state["epoch"])))
@@ -149,7 +150,7 @@ def test_a_kill_at_any_file_operation_of_a_save_leaves_a_resumable_set(
         checkpoints.clean({folder, best_folder})
         checkpoints.publish(folder, best_folder if best_folder != folder else None)
         published = ckpt.read_checkpoint(run / "last.safetensors")[1]
-        assert published["epoch"] == state["epoch"]
+        assert published.progress["epoch"] == state["epoch"]
         assert (run / "best.safetensors").is_file()
         assert not list(run.rglob("*.tmp"))
         operations = max(operations, count)

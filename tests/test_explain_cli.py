@@ -9,24 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
+from sepvit.classify.models import build_classifier, data_config_for, describe_classifier
 from sepvit.cli import main
 from sepvit.engine.checkpoint import weights_writer
-from sepvit.train.models import create_model, data_config_for
 
 TINY = dict(window_size=4, embed_dims=(8, 16, 32, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
 
 
 def write_checkpoint(path, **options) -> str:
     torch.manual_seed(0)
-    model, kwargs = create_model("sepvit_lite", 10, 64, architecture={**TINY, **options})
-    info = {
-        "task": "classify",
-        "model": "sepvit_lite",
-        "model_kwargs": kwargs,
-        "classes": [str(i) for i in range(10)],
-        "data": None,
-        "data_config": data_config_for(model, 64, 1.0),
-    }
+    model, kwargs = build_classifier("sepvit_lite", 10, 64, architecture={**TINY, **options})
+    info = describe_classifier(
+        "sepvit_lite", kwargs, [str(i) for i in range(10)], data_config_for(model, 64, 1.0)
+    )
     weights_writer(model.state_dict(), info)(str(path))
     return str(path)
 

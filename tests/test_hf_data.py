@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sepvit.classify.data import is_hf_spec, limit, load_image_sets
 from sepvit.data_io import open_image
 from sepvit.errors import DataError
-from sepvit.train.data import is_hf_spec, limit, load_image_sets
 from sepvit.utils.extras import require
 
 

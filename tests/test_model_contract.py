@@ -1,7 +1,8 @@
 """timm's model contract (its tests/test_models.py), for every model this package registers.
 
 The checks mirror timm's: forward, backward, default-cfg consistency, classifier and pooling
-removal, pruning, forward_intermediates, features_only (getter and fx), TorchScript, torch.fx,
+removal, pruning, forward_intermediates, features_only (getter and fx), TorchScript, torch.fx (also
+scripted after tracing),
 the meta device and gradient checkpointing. Inputs are small so that the file stays fast on two
 CPU cores; where timm checks at the default input size (pool size of the cfg) so do we.
 """
@@ -29,6 +30,7 @@ MODELS = sepvit.list_models()
 ONE_PER_FAMILY = ["sepvit_lite", "sv_efficientvit_m0", "sv_mobilevitv2_050"]
 SMALL = 64  # input side for forward/backward checks that do not depend on the cfg's input size
 FEATURES = 96  # timm's TARGET_FFEAT_SIZE
+JIT = 128  # timm's TARGET_JIT_SIZE
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -50,6 +52,20 @@ def create(name: str, **kwargs) -> torch.nn.Module:
 
 def images(size: int, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def fx_model(model: torch.nn.Module, **tracer_options) -> torch.fx.GraphModule:
+    """timm's _create_fx_model: the model as a torch.fx graph that returns its last node."""
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), **tracer_options
+    )
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model,
+        train_return_nodes=[train_nodes[-1]],
+        eval_return_nodes=[eval_nodes[-1]],
+        tracer_kwargs=tracer_kwargs,
+    )
 
 
 def output_axes(model: torch.nn.Module) -> tuple[int, tuple[int, int]]:
@@ -207,14 +223,7 @@ def test_features_only_fx(name):
 def test_fx_trace_forward_and_backward(name):
     """timm's test_model_forward_fx / backward_fx: the traced graph computes what the model does."""
     model = create(name, num_classes=42).eval()
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(
-        model,
-        train_return_nodes=[train_nodes[-1]],
-        eval_return_nodes=[eval_nodes[-1]],
-        tracer_kwargs=tracer_kwargs,
-    )
+    traced = fx_model(model)
     x = images(SMALL, batch=2)
     with torch.no_grad():
         assert torch.equal(next(iter(traced(x).values())), model(x))
@@ -233,6 +242,17 @@ def test_torchscript(name):
     x = images(SMALL)
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-5)
+
+
+def test_fx_trace_then_torchscript(name):
+    """timm's test_model_forward_fx_torchscript: the torch.fx graph of the model, scripted, runs."""
+    with timm.set_scriptable(True):
+        model = create(name).eval()
+    scripted = torch.jit.script(fx_model(model, param_shapes_constant=True))
+    with torch.no_grad():
+        out = next(iter(scripted(images(JIT)).values()))
+    assert out.shape == (1, model.num_classes)
+    assert not out.isnan().any()
 
 
 def test_builds_on_the_meta_device(name):

@@ -1,5 +1,7 @@
-"""The package's import structure: every module imports on its own, the model library knows nothing of
-the applications, only ``python -m sepvit`` knows the command line, and subpackages form no cycle."""
+"""The package's import structure, read top to bottom: the command line, the tasks, the training
+engine, the models, the layers, with the shared helpers beneath them all; nothing imports upwards,
+the tasks form no cycle, the command line reaches its commands through plain imports, and the engine
+and the command line keep their functions short."""
 
 from __future__ import annotations
 
@@ -9,15 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sepvit.cli import COMMAND_MODULES
-
 SRC = Path(__file__).resolve().parents[1] / "src"
-# The model library: what `pip install sepvit` users get; it imports none of the applications.
-LIBRARY = {"sepvit", "errors", "models", "layers", "utils", "data_io"}
-# Imports that issue 13's engine removes (library exceptions instead of the CLI's CliError, export
-# no longer needing bench). These lists only shrink: a fixed entry must be deleted here.
-KNOWN_CLI_IMPORTERS: set[str] = set()
-KNOWN_CYCLES: list[set[str]] = []
+TASKS = {"classify", "dense", "ablation", "explain", "export", "bench", "runs"}
+# Each subpackage's level: a subpackage imports only those of lower levels (tasks also other tasks).
+LEVELS = {
+    "__main__": 7,  # python -m sepvit
+    "cli": 6,
+    **dict.fromkeys(TASKS, 5),
+    "engine": 4,
+    "sepvit": 4,  # the package itself: importing it registers the models
+    "models": 3,
+    "layers": 2,
+    "utils": 1,
+    "data_io": 1,
+    "errors": 0,
+}
+MAX_FUNCTION_LINES = 60
 
 
 def module_name(path: Path) -> str:
@@ -45,7 +54,7 @@ def imported_names(name: str) -> set[str]:
 
 
 def subpackage(module: str) -> str:
-    """``sepvit.train.data`` -> ``train``; ``sepvit.cli`` -> ``cli``; ``sepvit`` -> ``sepvit``."""
+    """``sepvit.classify.data`` -> ``classify``; ``sepvit.errors`` -> ``errors``; ``sepvit`` -> ``sepvit``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else parts[0]
 
@@ -56,8 +65,6 @@ def subpackage_graph() -> dict[str, set[str]]:
         for target in imported_names(name):
             if target in MODULES and subpackage(name) != subpackage(target):
                 graph.setdefault(subpackage(name), set()).add(subpackage(target))
-    # The command line imports its sub-command modules by name.
-    graph.setdefault("cli", set()).update(subpackage(module) for module in COMMAND_MODULES)
     return graph
 
 
@@ -101,28 +108,42 @@ def test_the_import_scan_sees_imports():
     assert cycles({"a": {"b"}, "b": {"c", "a"}, "c": set(), "d": {"d"}}) == [{"a", "b"}]
 
 
-def test_only_the_entry_point_imports_the_command_line():
-    importers = {
-        name for name in MODULES if any(subpackage(target) == "cli" for target in imported_names(name))
-    } - {"sepvit.__main__"}
-    assert not importers - KNOWN_CLI_IMPORTERS, "raise sepvit.errors exceptions instead of the CLI's"
-    assert not KNOWN_CLI_IMPORTERS - importers, "fixed: delete these from KNOWN_CLI_IMPORTERS"
+def test_every_subpackage_has_a_level():
+    assert {subpackage(name) for name in MODULES} <= set(LEVELS)
 
 
-def test_the_model_library_imports_no_application():
-    graph = subpackage_graph()
-    for name in LIBRARY:
-        # models/table.py's CLI import is counted by the test above
-        assert graph.get(name, set()) - {"cli"} <= LIBRARY, f"{name} imports {graph[name] - LIBRARY}"
+def test_nothing_imports_upwards():
+    upwards = {
+        f"{source} -> {target}"
+        for source, targets in subpackage_graph().items()
+        for target in targets
+        if LEVELS[target] >= LEVELS[source] and not {source, target} <= TASKS
+    }
+    assert not upwards, "imports of a level not below: " + ", ".join(sorted(upwards))
 
 
 def test_subpackages_form_no_cycle():
-    graph = subpackage_graph()
-    # Every importer of sepvit.cli closes a cycle through it; those are counted above.
-    without_cli = {node: targets - {"cli"} for node, targets in graph.items() if node != "cli"}
-    found = cycles(without_cli)
-    assert [cycle for cycle in found if cycle not in KNOWN_CYCLES] == []
-    assert [cycle for cycle in KNOWN_CYCLES if cycle not in found] == [], "fixed: delete from KNOWN_CYCLES"
+    assert cycles(subpackage_graph()) == []
+
+
+def test_the_command_line_imports_its_commands_plainly():
+    """No module reaches another through a string (``importlib.import_module``): readers and tools
+    see every dependency. Only :mod:`sepvit.utils.extras` imports by name, the optional third-party
+    packages of the extras."""
+    by_name = {name for name in MODULES if "importlib" in imported_names(name)}
+    assert by_name <= {"sepvit.utils.extras"}
+
+
+def test_engine_and_command_line_functions_are_short():
+    long = [
+        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, path in MODULES.items()
+        if subpackage(name) in ("engine", "cli")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, "split these: " + ", ".join(long)
 
 
 IMPORT_EACH_ALONE = """

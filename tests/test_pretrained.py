@@ -20,8 +20,8 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
 import sepvit
+from sepvit.cli.models import print_table
 from sepvit.errors import CheckpointError, WeightsNotFoundError
-from sepvit.models.table import print_table
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -211,8 +211,8 @@ def test_environment_variables_at_start_up(tmp_path):
 
 
 def test_models_table_shows_weights_and_top1(capsys):
-    print_table("sv_mobilevitv2_150", image_size=32, repeats=1)
-    print_table("sepvit_lite", image_size=32, repeats=1)
+    print_table("sv_mobilevitv2_150", image_size=(32, 32), repeats=1)
+    print_table("sepvit_lite", image_size=(32, 32), repeats=1)
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith("sv_mobilevitv2_150 "))
     assert row.split()[-2:] == ["cvnets_in1k", "80.38"]

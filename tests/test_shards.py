@@ -12,15 +12,15 @@ import torch
 from timm.data import create_dataset
 from torch.utils.data import DataLoader
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.data import load_classification_data
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import main
 from sepvit.engine.checkpoint import read_checkpoint
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
 from sepvit.engine.shards import ShardSet, ShardStream, is_shard_spec, open_shards, read_samples
 from sepvit.errors import ConfigError, DataError
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.data import load_classification_data
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
@@ -213,4 +213,4 @@ def test_a_damaged_shard_stops_the_run_with_its_name_and_saves_it(
     damage(shards / "train-000003.tar")
     with pytest.raises(DataError, match=message + r".*continue with --resume"):
         _run(tmp_path, "damaged", str(shards), model="test_vit", epochs=1)
-    assert read_checkpoint(tmp_path / "damaged" / "last.safetensors")[1]["step_in_epoch"] == 0
+    assert read_checkpoint(tmp_path / "damaged" / "last.safetensors")[1].progress["step_in_epoch"] == 0

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sepvit.classify.config import PRESETS, RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
 from sepvit.cli import build_parser, main
-from sepvit.engine.config import AUTO, flag_name, resolve_run_config
-from sepvit.train.config import PRESETS, RUN_DEFINING, ClassifyConfig, apply_recipe_defaults
+from sepvit.cli.options import config_from_args
+from sepvit.engine.config import AUTO, flag_name
 
 
 def resolve_train_config(args: argparse.Namespace) -> ClassifyConfig:
-    return resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)[0]
+    return config_from_args(ClassifyConfig, args, PRESETS, RUN_DEFINING)[0]
 
 
 def _help(command: str, capsys: pytest.CaptureFixture) -> str:
@@ -129,3 +130,15 @@ def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         == 2
     )
     assert "--amp fp16 needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_classify_commands_and_their_short_forms_are_one(command: str) -> None:
+    arguments = {"train": [], "eval": ["best.safetensors"], "predict": ["best.safetensors", "a.png"]}[command]
+    grouped = build_parser().parse_args(["classify", command, *arguments])
+    short = build_parser().parse_args([command, *arguments])
+    assert grouped.func is short.func and vars(grouped) == {
+        **vars(short),
+        "command": "classify",
+        "action": command,
+    }

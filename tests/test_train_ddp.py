@@ -20,8 +20,8 @@ import json, sys
 from safetensors.torch import save_file
 from sepvit.engine.distributed import init_distributed, shutdown
 from sepvit.engine.loop import Trainer
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.task import ClassificationTask
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.task import ClassificationTask
 
 config = ClassifyConfig(**json.loads(sys.argv[1]))
 context = init_distributed("cpu")

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.data import ClassificationImages, load_image_sets, scan_image_folder
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import main
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
 from sepvit.errors import DataError, TrainingError
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.data import ClassificationImages, load_image_sets, scan_image_folder
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 TINY = dict(
@@ -229,7 +229,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     with pytest.raises(TrainingError, match=expected):
         trainer.run()
     weights, info = ckpt.read_checkpoint(last)
-    assert info["epoch"] == 1 and info["step_in_epoch"] == 0
+    assert info.progress["epoch"] == 1 and info.progress["step_in_epoch"] == 0
     assert all(torch.isfinite(value).all() for value in weights.values())
 
 
@@ -249,12 +249,12 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError, match="No space left on device; the previous files are kept"):
         _trainer(tmp_path).run()
-    assert ckpt.read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 1
-    assert ckpt.read_checkpoint(run_dir / "last_ema.safetensors")[1]["epoch"] == 1
+    assert ckpt.read_checkpoint(run_dir / "last.safetensors")[1].progress["epoch"] == 1
+    assert ckpt.read_checkpoint(run_dir / "last_ema.safetensors")[1].progress["epoch"] == 1
     assert _state(run_dir)["epoch"] == 1
     assert not list(run_dir.rglob("*.tmp"))
     assert len(list((run_dir / "checkpoints").iterdir())) == 2  # LATEST and the epoch-1 set
     # and the run continues from there
     monkeypatch.setattr(ckpt, "save_file", real_save)
     _trainer(tmp_path, resume=True).run()
-    assert ckpt.read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 3
+    assert ckpt.read_checkpoint(run_dir / "last.safetensors")[1].progress["epoch"] == 3

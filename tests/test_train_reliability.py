@@ -14,14 +14,14 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.task import ClassificationTask
 from sepvit.cli import main
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine import reporting
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
 from sepvit.errors import TrainingError
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 # One optimizer step per epoch: 16 training images, batches of 16.
@@ -66,7 +66,7 @@ def test_non_finite_weights_or_results_are_never_saved_or_recommended(
     assert f"the last checkpoint, {last} (epoch 1, step 0), is kept" in str(error.value)
     for name in ("last", "best"):
         weights, info = ckpt.read_checkpoint(tmp_path / "run" / f"{name}.safetensors")
-        assert info["epoch"] == 1 and all(value.isfinite().all() for value in weights.values())
+        assert info.progress["epoch"] == 1 and all(value.isfinite().all() for value in weights.values())
     # predict and eval refuse a checkpoint with non-finite tensors instead of printing nan%
     broken = tmp_path / "broken.safetensors"
     weights, info = ckpt.read_checkpoint(last)
@@ -117,7 +117,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     assert err.count("\n") == 1 and "sepvit train: error: could not write" in err
     assert "the previous files are kept" in err
     monkeypatch.setattr(ckpt, "save_file", real) if target == "save_file" else None
-    assert ckpt.read_checkpoint(tmp_path / "run" / "last.safetensors")[1]["epoch"] == 1
+    assert ckpt.read_checkpoint(tmp_path / "run" / "last.safetensors")[1].progress["epoch"] == 1
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
@@ -259,9 +259,12 @@ def test_pretrained_from_a_timm_state_dict_replaces_the_classifier(
     argv = [*ARGV, "--epochs", "1", "--lr", "1e-9", "--pretrained", str(weights), "--no-model-ema"]
     assert main(["train", *argv, "--output", str(tmp_path), "--experiment", "ft"]) == 0
     out = capsys.readouterr().out
-    assert "classifier initialised afresh: head.bias 1000→10, head.weight 1000×64→10×64" in out
+    assert (
+        "not loaded (2): head.bias (checkpoint 1000, model 10), head.weight (checkpoint 1000×64, model 10×64)"
+        in out
+    )
     tuned, info = ckpt.read_checkpoint(tmp_path / "ft" / "last.safetensors")
-    assert info["classes"] == [str(d) for d in range(10)] and tuned["head.weight"].shape == (10, 64)
+    assert info.class_names == [str(d) for d in range(10)] and tuned["head.weight"].shape == (10, 64)
     body = source.state_dict()
     assert torch.allclose(tuned["patch_embed.proj.weight"], body["patch_embed.proj.weight"], atol=1e-6)
 

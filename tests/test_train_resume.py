@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sepvit.classify.config import ClassifyConfig
+from sepvit.classify.task import ClassificationTask
 from sepvit.engine.checkpoint import RunCheckpoints, read_checkpoint
 from sepvit.engine.distributed import DistContext
 from sepvit.engine.loop import Trainer
-from sepvit.train.config import ClassifyConfig
-from sepvit.train.task import ClassificationTask
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
@@ -118,8 +118,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_run_resumes(tmp_path: Path)
     run_dir = tmp_path / "killed"
     weights, info = read_checkpoint(run_dir / "last.safetensors")
     state = load_training_state(run_dir)
-    assert info["epoch"] == 0 and 2 <= info["step_in_epoch"] < 8
-    assert state["step_in_epoch"] == info["step_in_epoch"]
+    assert info.progress["epoch"] == 0 and 2 <= info.progress["step_in_epoch"] < 8
+    assert state["step_in_epoch"] == info.progress["step_in_epoch"]
     assert all(torch.isfinite(value).all() for value in weights.values())
 
     resumed = subprocess.run(
@@ -129,8 +129,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_run_resumes(tmp_path: Path)
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed {run_dir} at epoch 1, step {info['step_in_epoch']}" in resumed.stdout
-    assert read_checkpoint(run_dir / "last.safetensors")[1]["epoch"] == 2
+    assert f"resumed {run_dir} at epoch 1, step {info.progress['step_in_epoch']}" in resumed.stdout
+    assert read_checkpoint(run_dir / "last.safetensors")[1].progress["epoch"] == 2
 
 
 def test_the_ema_decay_warms_up_with_the_configured_power(tmp_path: Path) -> None:

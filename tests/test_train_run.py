@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from sepvit.classify.data import load_digits_split
 from sepvit.cli import main
 from sepvit.engine.checkpoint import read_checkpoint
-from sepvit.train.data import load_digits_split
 
 # Seconds matter on 2 cores: a tiny timm ConvNeXt (0.2M parameters) learns digits in a few epochs.
 FAST_RUN = [
@@ -38,14 +38,16 @@ def test_digits_run_learns_and_writes_its_outputs(digits_run: Path, capsys: pyte
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     _, info = read_checkpoint(digits_run / "best.safetensors")
-    assert info["top1"] > 60.0  # chance is 10%
-    assert info["model"] == "test_convnext" and info["classes"] == [str(d) for d in range(10)]
+    assert info.progress["top1"] > 60.0  # chance is 10%
+    assert info.model == "test_convnext" and info.class_names == [str(d) for d in range(10)]
     for name in ("config.yaml", "last.safetensors", "checkpoints/LATEST", "loss.png", "metrics.png"):
         assert (digits_run / name).stat().st_size > 0, name
     assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
     # EMA is on by default: its weights after the last epoch are kept beside the model's.
     _, ema_info = read_checkpoint(digits_run / "last_ema.safetensors")
-    assert ema_info["epoch"] == 3 and ema_info["top1"] == pytest.approx(float(rows[-1]["ema_val_top1"]))
+    assert ema_info.progress["epoch"] == 3 and ema_info.progress["top1"] == pytest.approx(
+        float(rows[-1]["ema_val_top1"])
+    )
 
 
 def test_eval_reproduces_the_run_accuracy(
@@ -57,7 +59,7 @@ def test_eval_reproduces_the_run_accuracy(
     assert main(["eval", str(best), "--json", "--confusion-matrix", str(matrix_png)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 360
-    assert result["top1"] == pytest.approx(info["top1"])
+    assert result["top1"] == pytest.approx(info.progress["top1"])
     assert result["top1"] <= result["top5"] <= 100
     assert Image.open(matrix_png).size[0] > 100
 
@@ -129,11 +131,14 @@ def test_image_folder_finetune_from_digits(
     assert main(["train", *args]) == 0
     out = capsys.readouterr().out
     assert "train: 96 images, 3 classes" in out and "val: 48 images, 3 classes" in out
-    assert "classifier initialised afresh: head.fc.bias 10→3, head.fc.weight 10×64→3×64" in out
+    assert (
+        "not loaded (2): head.fc.bias (checkpoint 10, model 3), head.fc.weight (checkpoint 10×64, model 3×64)"
+        in out
+    )
     state_dict, info = read_checkpoint(tmp_path / "ft" / "best.safetensors")
-    assert info["classes"] == ["disc", "horizontal", "vertical"]
+    assert info.class_names == ["disc", "horizontal", "vertical"]
     assert state_dict["head.fc.weight"].shape[0] == 3
-    assert info["top1"] > 60.0  # chance is 33%
+    assert info.progress["top1"] > 60.0  # chance is 33%
     digits_weights, _ = read_checkpoint(digits_run / "best.safetensors")
     # the body started from the digits weights: its first layer moved only a little
     patch = "stem.0.weight"
@@ -174,6 +179,8 @@ def test_val_interval_validates_every_nth_and_the_last_epoch(
         "epoch 2/5", "epoch 4/5", "epoch 5/5",
     ]  # fmt: skip
     _, best = read_checkpoint(tmp_path / "v" / "best.safetensors")
-    assert best["epoch"] in validated
+    assert best.progress["epoch"] in validated
     _, last = read_checkpoint(tmp_path / "v" / "last_ema.safetensors")
-    assert last["epoch"] == 5 and last["top1"] == pytest.approx(float(rows[-1]["ema_val_top1"]))
+    assert last.progress["epoch"] == 5 and last.progress["top1"] == pytest.approx(
+        float(rows[-1]["ema_val_top1"])
+    )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sepvit.train.data import posterize, train_transform
+from sepvit.classify.data import posterize, train_transform
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

@@ -16,6 +16,10 @@ class ConfigError(SepViTError, ValueError):
     """An option or configuration value is missing, out of range or inconsistent."""
 
 
+class UnknownModelError(ConfigError):
+    """A model name that neither this package nor timm registers."""
+
+
 class DataError(SepViTError):
     """A dataset, image or annotation cannot be read or is not usable."""
 

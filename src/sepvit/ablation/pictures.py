@@ -19,8 +19,8 @@ from sepvit.ablation.runner import chosen_lrs, run_folder
 from sepvit.ablation.study import MAIN_TASK, VARIANTS, Protocol
 from sepvit.ablation.tasks import CUE_LEFT, generate_split
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.reporting import pyplot, save_figure
 from sepvit.errors import ConfigError
+from sepvit.utils.plots import pyplot, save_figure
 
 SHOWN = ("sepvit", "local", "swin-cpvt")
 PSA_STAGE = 2  # stage 3: windows of 32 px, two per region
@@ -28,14 +28,14 @@ PSA_STAGE = 2  # stage 3: windows of 32 px, two per region
 
 def trained_model(protocol: Protocol, variant: str, lr: float, runs_dir: Path) -> torch.nn.Module | None:
     """Seed 0's last weights of ``variant`` on the main task, None if that run folder is not here."""
-    from sepvit.train.models import create_model
+    from sepvit.classify.models import build_classifier
 
     run_dir = run_folder(protocol, "main", (MAIN_TASK, variant, 0, lr), runs_dir)
     path = ckpt.weights_path(run_dir, ckpt.LAST)
     if not path.exists():
         return None
     architecture = protocol.architecture(VARIANTS[variant])
-    model, _ = create_model(VARIANTS[variant].factory, 10, None, None, False, architecture)
+    model, _ = build_classifier(VARIANTS[variant].factory, 10, None, None, False, architecture)
     weights, _ = ckpt.read_weights(path)
     ckpt.load_strict(model, weights, str(path))
     return model.eval()

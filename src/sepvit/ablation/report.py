@@ -32,9 +32,9 @@ from typing import Any
 
 from sepvit.ablation.study import CONTROL_TASK, FAMILIES, MAIN_TASK, VARIANTS, Protocol
 from sepvit.ablation.tasks import NUM_CLASSES, pooled_evidence_ceiling
-from sepvit.engine.files import make_folder, write_text
-from sepvit.engine.reporting import pyplot, save_figure
 from sepvit.errors import ConfigError
+from sepvit.utils.files import make_folder, write_text
+from sepvit.utils.plots import pyplot, save_figure
 
 MEASURES = {
     "top1": "test top-1 (%)",

@@ -31,9 +31,9 @@ import torch
 from sepvit.ablation.study import FAMILIES, VARIANTS, Protocol, Variant
 from sepvit.ablation.tasks import write_image_folder
 from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.files import make_folder, reason, write_text
 from sepvit.engine.reporting import log
 from sepvit.errors import ConfigError, DataError
+from sepvit.utils.files import make_folder, reason, write_text
 
 ERF_STAGES = {"stage1": 0, "stage2": 1}
 RECORD_KEY = ("protocol", "data_seed", "phase", "task", "variant", "seed", "lr")
@@ -171,13 +171,13 @@ def train_one(
     protocol: Protocol, phase: str, run: Run, runs_dir: Path, device: str
 ) -> tuple[int, dict[str, Any] | None]:
     """Train (or resume) one run and measure it; (exit code, record), the record None if stopped."""
+    from sepvit.classify.config import ClassifyConfig
+    from sepvit.classify.data import ClassificationImages, eval_transform, scan_image_folder
+    from sepvit.classify.models import build_classifier
+    from sepvit.classify.task import ClassificationTask, classification_loader, evaluate
     from sepvit.engine.distributed import single_process
     from sepvit.engine.loop import seed_everything
-    from sepvit.engine.run import run_training
-    from sepvit.train.config import ClassifyConfig
-    from sepvit.train.data import ClassificationImages, eval_transform, scan_image_folder
-    from sepvit.train.models import create_model
-    from sepvit.train.task import ClassificationTask, classification_loader, evaluate
+    from sepvit.runs import run_training
     from sepvit.utils import count_macs, count_params
 
     task, variant_name, seed, lr = run
@@ -232,7 +232,9 @@ def train_one(
     if not variant.reference:  # the receptive fields compare models with the same convolutions
         images = torch.stack([test_images[i][0] for i in range(protocol.erf_images)]).to(context.device)
         seed_everything(seed)  # the engine seeds so before building: the run's own initial weights
-        init_model, _ = create_model(variant.factory, len(classify.classes), None, None, False, architecture)
+        init_model, _ = build_classifier(
+            variant.factory, len(classify.classes), None, None, False, architecture
+        )
         cell = 4 * protocol.window_size  # a first-stage window, in pixels
         record.update(receptive_fields(model, init_model.to(context.device), images, cell))
     return 0, record
@@ -294,10 +296,12 @@ def run_study(
 
 def speed_subjects(protocol: Protocol, variants: list[Variant]) -> list:
     from sepvit.bench.measure import Subject
-    from sepvit.train.models import create_model
+    from sepvit.classify.models import build_classifier
 
     def builder(variant: Variant) -> Callable[[], torch.nn.Module]:
-        return lambda: create_model(variant.factory, 10, None, None, False, protocol.architecture(variant))[0]
+        return lambda: build_classifier(
+            variant.factory, 10, None, None, False, protocol.architecture(variant)
+        )[0]
 
     return [Subject(v.name, builder(v), (3, *protocol.img_size), form="as_created") for v in variants]
 

@@ -1,9 +1,8 @@
 """Side-by-side benchmarks: params, GMACs, throughput, latency, memory and achieved FLOP rate."""
 
 from sepvit.bench.measure import BenchResult, BenchRun, BenchSettings, Subject, run_benchmark
-from sepvit.bench.models import resolve_model_names
-from sepvit.bench.presets import PAPER_TOP1, PRESETS
-from sepvit.models.names import UnknownModelError, create_model
+from sepvit.bench.models import bench_model, resolve_model_names
+from sepvit.bench.presets import PAPER_TOP1, PRESETS, paper_top1
 
 __all__ = [
     "PAPER_TOP1",
@@ -12,8 +11,8 @@ __all__ = [
     "BenchRun",
     "BenchSettings",
     "Subject",
-    "UnknownModelError",
-    "create_model",
+    "bench_model",
+    "paper_top1",
     "resolve_model_names",
     "run_benchmark",
 ]

@@ -9,11 +9,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from sepvit.engine.description import RunDescription
 from sepvit.errors import ConfigError
 from sepvit.export.quantize import QuantizationReport
 
@@ -41,30 +41,30 @@ class PrecisionTop1:
     top1: dict[str, float]  # "fp32", "bf16 autocast", "bf16 cast"
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], str]:
-    """(model, checkpoint information, data) of a PyTorch checkpoint that names its data;
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, RunDescription, str]:
+    """(model, run description, data) of a PyTorch checkpoint that names its data;
     :class:`~sepvit.errors.SepViTError` naming the problem otherwise."""
-    from sepvit.engine.onnx_runtime import OnnxClassifier
-    from sepvit.train.inference import load_model
+    from sepvit.classify.inference import load_model
+    from sepvit.utils.onnx_runtime import OnnxClassifier
 
-    model, info = load_model(str(path))
+    model, description = load_model(str(path))
     if isinstance(model, OnnxClassifier):
         raise ConfigError(f"{path} is an ONNX file: pass the checkpoint it was exported from")
-    data = info.get("data")
+    data = description.data
     if not data:
         raise ConfigError(f"{path} does not name the data it was trained on")
-    return model, info, data
+    return model, description, data
 
 
 def precision_top1(checkpoint: str | os.PathLike) -> PrecisionTop1:
     """Top-1 of ``checkpoint`` in fp32, bf16 autocast and bf16 cast, on the CPU."""
+    from sepvit.classify.inference import held_out_loader
+    from sepvit.classify.task import evaluate
     from sepvit.engine.distributed import single_process
-    from sepvit.train.inference import held_out_loader
-    from sepvit.train.task import evaluate
 
-    model, info, data = load_checkpoint(checkpoint)
+    model, description, data = load_checkpoint(checkpoint)
     context = single_process("cpu")
-    loader = held_out_loader(data, info, EVAL_BATCH, 0, context)
+    loader = held_out_loader(data, description, EVAL_BATCH, 0, context)
     metrics = {
         "fp32": evaluate(model, loader, context, collect=True),
         "bf16 autocast": evaluate(model, loader, context, torch.bfloat16),
@@ -83,11 +83,13 @@ def int8_top1(
     from sepvit.export import export_onnx
     from sepvit.export.calibration import quantize_on_data
 
-    model, info, data = load_checkpoint(checkpoint)
+    model, description, data = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="sepvit-int8-") as folder:
-        exported = export_onnx(model, Path(folder) / "fp32.onnx", tuple(info["data_config"]["input_size"]))
+        exported = export_onnx(
+            model, Path(folder) / "fp32.onnx", tuple(description.data_config["input_size"])
+        )
         report, calibration_count, held_out_count = quantize_on_data(
-            exported.path, Path(folder) / "int8.onnx", data, info["data_config"], info["classes"],
+            exported.path, Path(folder) / "int8.onnx", data, description.data_config, description.class_names,
             calibration_images,
         )  # fmt: skip
     return report, calibration_count, held_out_count, data

@@ -1,25 +1,29 @@
-"""Benchmark subjects: models by name (sepvit.models.names) and the papers' peer presets."""
+"""Benchmark subjects: models by name (ours, timm's, and peers from other libraries that timm does
+not register) and the papers' peer presets. Nothing is downloaded: models get random weights."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import timm
 from torch import nn
 
 from sepvit.bench.measure import Subject
-from sepvit.bench.presets import PAPER_TOP1, PRESETS
-from sepvit.models import names as model_names
-from sepvit.models.names import (
-    UnknownModelError,
-    create_model_at_size,
-    default_input_size,
-    is_known,
-)
+from sepvit.bench.presets import PRESETS, paper_top1
+from sepvit.errors import UnknownModelError
+from sepvit.models import create_model, default_input_size, unknown_model_message
+from sepvit.utils.extras import require
 
 
-def unknown_name_message(name: str) -> str:
-    """``unknown model NAME``, with close matches among models and the benchmark presets."""
-    return model_names.unknown_name_message(name, PRESETS)
+def _vit_pytorch_sepvit_tiny() -> nn.Module:
+    """vit-pytorch's SepViT configured as SepViT-T (96·(1,2,4,8) channels, depths 1,2,6,2, window 7)."""
+    return require("vit_pytorch.sep_vit", "bench").SepViT(
+        num_classes=1000, dim=96, depth=(1, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7
+    )
+
+
+# Models from other libraries that timm does not register.
+EXTERNAL_MODELS: dict[str, Callable[[], nn.Module]] = {"vitpytorch_sepvit_tiny": _vit_pytorch_sepvit_tiny}
 
 
 def resolve_model_names(names: Iterable[str]) -> list[str]:
@@ -27,11 +31,18 @@ def resolve_model_names(names: Iterable[str]) -> list[str]:
     resolved: list[str] = []
     for name in names:
         for model_name in PRESETS.get(name, (name,)):
-            if not is_known(model_name):
-                raise UnknownModelError(unknown_name_message(model_name))
+            if model_name not in EXTERNAL_MODELS and not timm.is_model(model_name):
+                raise UnknownModelError(unknown_model_message(model_name, [*EXTERNAL_MODELS, *PRESETS]))
             if model_name not in resolved:
                 resolved.append(model_name)
     return resolved
+
+
+def bench_model(name: str, img_size: tuple[int, int] | None = None) -> nn.Module:
+    """An eval-mode model with random weights, built for ``img_size`` when its factory takes one."""
+    if name in EXTERNAL_MODELS:
+        return EXTERNAL_MODELS[name]().eval()
+    return create_model(name, **({"img_size": img_size} if img_size else {})).eval()
 
 
 def model_subjects(
@@ -40,12 +51,12 @@ def model_subjects(
     """Benchmark subjects for models and presets, once per backend, at ``img_size`` or their own size."""
     subjects = []
     for name in resolve_model_names(names):
-        shape = default_input_size(name)
+        shape = (3, 224, 224) if name in EXTERNAL_MODELS else default_input_size(name)
         if img_size is not None:
             shape = (shape[0], *img_size)
 
         def build(name: str = name) -> nn.Module:
-            return create_model_at_size(name, img_size)
+            return bench_model(name, img_size)
 
-        subjects += [Subject(name, build, shape, backend, PAPER_TOP1.get(name)) for backend in backends]
+        subjects += [Subject(name, build, shape, backend, paper_top1(name)) for backend in backends]
     return subjects

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from sepvit.bench.measure import BenchResult, BenchRun
-from sepvit.engine.files import write_text
-from sepvit.engine.reporting import save_figure
 from sepvit.errors import MissingExtraError
 from sepvit.utils.extras import require
+from sepvit.utils.files import write_text
+from sepvit.utils.plots import save_figure
 
 COLUMNS = (
     ("model", "{}"),

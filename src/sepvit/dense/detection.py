@@ -19,9 +19,11 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from sepvit.dense.backbone import BackboneWithFPN, create_features, image_mean_std
+from sepvit.dense.backbone import BackboneWithFPN, backbone_of, image_mean_std
 from sepvit.dense.data import CocoDetection, collate_detection
 from sepvit.dense.metrics import coco_map, detections_to_coco
+from sepvit.engine.description import RunDescription
+from sepvit.errors import ConfigError
 
 DETECTORS = ("retinanet", "maskrcnn")
 
@@ -76,18 +78,48 @@ def build_detector(
     raise ValueError(f"unknown detector {arch!r}; choose from {', '.join(DETECTORS)}")
 
 
-def build_detection_model(info: dict, drop_path_rate: float = 0.0) -> nn.Module:
-    """The detector a checkpoint's description (or a task's configuration) specifies."""
-    body = create_features(info["model"], img_size=info["img_size"], drop_path_rate=drop_path_rate)
+def build_detection_model(description: RunDescription, drop_path_rate: float = 0.0) -> nn.Module:
+    """The detector a run's description specifies."""
+    extras = description.extras
+    body = backbone_of(description, drop_path_rate)
     return build_detector(
-        info["arch"],
+        extras["arch"],
         body,
-        info["num_classes"],
-        min_size=tuple(info["train_min_sizes"]),
-        max_size=info["max_size"],
-        fpn_channels=info["fpn_channels"],
-        rois_per_image=info["rois_per_image"],
+        extras["num_classes"],
+        min_size=tuple(extras["train_min_sizes"]),
+        max_size=extras["max_size"],
+        fpn_channels=extras["fpn_channels"],
+        rois_per_image=extras["rois_per_image"],
     )
+
+
+class AnchorOutputs(nn.Module):
+    """A RetinaNet's network without its Python pre- and post-processing, for export: images in
+    [0, 1] at the size it was trained for -> (B, anchors, classes + 1 + 4), each anchor's class
+    logits (background first) then its box regression; anchors, decoding and NMS are torchvision's
+    (``detector.anchor_generator``, ``detector.box_coder``)."""
+
+    def __init__(self, detector: RetinaNet) -> None:
+        super().__init__()
+        self.backbone, self.head = detector.backbone, detector.head
+        transform = detector.transform
+        self.register_buffer("mean", torch.tensor(transform.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(transform.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = list(self.backbone((images - self.mean) / self.std).values())
+        outputs = self.head(features)
+        return torch.cat([outputs["cls_logits"], outputs["bbox_regression"]], dim=-1)
+
+
+def exportable(detector: nn.Module) -> nn.Module:
+    """The part of a detector that exports as one graph (see :class:`AnchorOutputs`)."""
+    if not isinstance(detector, RetinaNet):
+        raise ConfigError(
+            "a Mask R-CNN run does not export: its proposals and masks are computed with data-dependent "
+            "operations; a RetinaNet run exports its per-anchor outputs"
+        )
+    return AnchorOutputs(detector).eval()
 
 
 @torch.no_grad()

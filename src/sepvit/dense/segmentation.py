@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from sepvit.dense.backbone import create_features, image_mean_std
+from sepvit.dense.backbone import backbone_of, image_mean_std
 from sepvit.dense.data import IGNORE_INDEX
 from sepvit.dense.metrics import ConfusionMatrix
+from sepvit.engine.description import RunDescription
 
 HEADS = ("fpn", "upernet")
 
@@ -152,10 +153,11 @@ class Segmenter(nn.Module):
         return losses
 
 
-def build_segmentation_model(info: dict, drop_path_rate: float = 0.0) -> Segmenter:
-    """The segmenter a checkpoint's description (or a task's configuration) specifies."""
-    body = create_features(info["model"], img_size=info["img_size"], drop_path_rate=drop_path_rate)
-    return Segmenter(body, info["head"], info["num_classes"], head_channels=info["head_channels"])
+def build_segmentation_model(description: RunDescription, drop_path_rate: float = 0.0) -> Segmenter:
+    """The segmenter a run's description specifies."""
+    extras = description.extras
+    body = backbone_of(description, drop_path_rate)
+    return Segmenter(body, extras["head"], extras["num_classes"], head_channels=extras["head_channels"])
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from sepvit.dense.data import (
 )
 from sepvit.dense.detection import build_detection_model, evaluate_detection
 from sepvit.dense.segmentation import build_segmentation_model, evaluate_segmentation
+from sepvit.engine.description import RunDescription
 from sepvit.engine.distributed import DistContext, barrier
 from sepvit.engine.loop import Task, TaskKind
 from sepvit.engine.optim import autocast
@@ -61,7 +62,11 @@ class DenseTask(Task):
     that returns its losses, and evaluation on rank 0."""
 
     config: DenseConfig
-    info: dict[str, Any]
+    description: RunDescription
+
+    @property
+    def data_name(self) -> str:
+        return Path(self.config.data).name if self.config.data else "shapes"  # the embedded dataset
 
     def _load_backbone(self, body: nn.Module, context: DistContext) -> None:
         path = self.config.pretrained_backbone
@@ -69,12 +74,24 @@ class DenseTask(Task):
             return
         from sepvit.dense.backbone import load_classification_checkpoint
 
-        report = load_classification_checkpoint(body, self.config.model, path, img_size=self.info["img_size"])
+        report = load_classification_checkpoint(body, self.config.model, path, self.description.input_size)
         if context.is_main:
-            log(f"backbone from {path}: {report.summary()}")
+            log(f"backbone {report.summary()}")
 
-    def checkpoint_info(self) -> dict[str, Any]:
-        return dict(self.info)
+    def describe(self) -> RunDescription:
+        return self.description
+
+    def _description(self, input_size: tuple[int, int], **extras: Any) -> RunDescription:
+        """The run's description once the training set is loaded; ``extras``: the task's options."""
+        return RunDescription(
+            task=self.kind.name,
+            model=self.config.model,
+            model_kwargs={},
+            class_names=self.train_set.class_names,
+            input_size=input_size,
+            data=self.config.data,
+            extras={"num_classes": self.train_set.num_classes, **extras},
+        )
 
     def loss(
         self, model: nn.Module, batch: Any, device: torch.device
@@ -111,19 +128,16 @@ class DetectionTask(DenseTask):
         min_sizes = [config.min_size]
         if config.multi_scale:
             min_sizes = list(range(config.min_size, round(0.6 * config.min_size) - 1, -32))[::-1]
-        self.info = {
-            "model": config.model,
-            "arch": config.arch,
-            "num_classes": self.train_set.num_classes,
-            "class_names": self.train_set.class_names,
-            "category_ids": self.train_set.category_ids,
-            "img_size": [config.min_size, config.max_size],
-            "train_min_sizes": min_sizes,
-            "max_size": config.max_size,
-            "fpn_channels": config.fpn_channels,
-            "rois_per_image": config.rois_per_image,
-        }
-        self.model = build_detection_model(self.info, config.drop_path)
+        self.description = self._description(
+            (config.min_size, config.max_size),
+            arch=config.arch,
+            category_ids=self.train_set.category_ids,
+            train_min_sizes=min_sizes,
+            max_size=config.max_size,
+            fpn_channels=config.fpn_channels,
+            rois_per_image=config.rois_per_image,
+        )
+        self.model = build_detection_model(self.description, config.drop_path)
         self._load_backbone(self.model.backbone.body, context)
         if not with_masks:
             self.metric_names = self.metric_names[:3]
@@ -154,16 +168,13 @@ class SegmentationTask(DenseTask):
         self.train_set = ADE20KSegmentation(root, config.train_split, transforms, num_classes)
         val_set = ADE20KSegmentation(root, config.val_split, None, self.train_set.num_classes)
         self.val_set = SegmentationEvalDataset(val_set, config.crop_size)
-        self.info = {
-            "model": config.model,
-            "head": config.head,
-            "num_classes": self.train_set.num_classes,
-            "class_names": self.train_set.class_names,
-            "img_size": [config.crop_size, config.crop_size],
-            "crop_size": config.crop_size,
-            "head_channels": config.head_channels,
-        }
-        self.model = build_segmentation_model(self.info, config.drop_path)
+        self.description = self._description(
+            (config.crop_size, config.crop_size),
+            head=config.head,
+            crop_size=config.crop_size,
+            head_channels=config.head_channels,
+        )
+        self.model = build_segmentation_model(self.description, config.drop_path)
         self._load_backbone(self.model.body, context)
 
     def _losses(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:

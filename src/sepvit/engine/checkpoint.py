@@ -17,6 +17,7 @@ import pickle
 import shutil
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sepvit.engine.files import (
+from sepvit.engine.description import RunDescription
+from sepvit.errors import CheckpointError
+from sepvit.models.state_dicts import unwrap_state_dict
+from sepvit.utils.files import (
     check_file,
     link_atomically,
     reason,
@@ -33,7 +37,6 @@ from sepvit.engine.files import (
     write_atomically,
     write_text,
 )
-from sepvit.errors import CheckpointError
 
 FORMAT = "sepvit-train/1"
 LAST, LAST_EMA, BEST = "last", "last_ema", "best"
@@ -51,10 +54,10 @@ def _cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {key: value.detach().to("cpu").contiguous().clone() for key, value in state_dict.items()}
 
 
-def weights_writer(state_dict: Mapping[str, torch.Tensor], info: dict[str, Any]):
-    """A writer (``write(path)``) of safetensors weights described by ``info`` (JSON metadata)."""
+def weights_writer(state_dict: Mapping[str, torch.Tensor], description: RunDescription):
+    """A writer (``write(path)``) of safetensors weights with their description (JSON metadata)."""
     tensors = _cpu_tensors(state_dict)
-    metadata = {"format": FORMAT, "sepvit": json.dumps(info)}
+    metadata = {"format": FORMAT, "sepvit": json.dumps(description.to_metadata())}
     return lambda path: save_file(tensors, path, metadata=metadata)
 
 
@@ -68,17 +71,15 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable PyTorch file ({reason(error)})") from error
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-            loaded = loaded[key]
-            break
+    if isinstance(loaded, dict):
+        loaded = unwrap_state_dict(loaded)
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return loaded
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Weights and our description (None for a plain safetensors file or a ``.pth`` state dict)."""
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RunDescription | None]:
+    """Weights and their description (None for a plain safetensors file or a ``.pth`` state dict)."""
     path = check_file(path, "checkpoint")
     if path.suffix in PICKLE_SUFFIXES:
         state_dict, info = _load_pickled_state_dict(path), None
@@ -90,22 +91,24 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
         info = json.loads(metadata["sepvit"]) if metadata.get("format") == FORMAT else None
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    return state_dict, info
+        state_dict = unwrap_state_dict(state_dict)
+    description = None if info is None else RunDescription.from_metadata(info, str(path))
+    return state_dict, description
 
 
-def read_checkpoint(path: str | os.PathLike, task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(
+    path: str | os.PathLike, task: str | None = None
+) -> tuple[dict[str, torch.Tensor], RunDescription]:
     """Weights and description of a checkpoint written by a sepvit run (of ``task``, if given)."""
-    state_dict, info = read_weights(path)
-    if info is None:
+    state_dict, description = read_weights(path)
+    if description is None:
         raise CheckpointError(
             f"{path} was not written by a sepvit run (no sepvit metadata): pass --model NAME "
             "(and --num-classes) to load it as a plain state dict"
         )
-    found = info.setdefault("task", "classify")
-    if task is not None and found != task:
-        raise CheckpointError(f"{path} is a {found} checkpoint, not a {task} one")
-    return state_dict, info
+    if task is not None and description.task != task:
+        raise CheckpointError(f"{path} is a {description.task} checkpoint, not a {task} one")
+    return state_dict, description
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -153,54 +156,111 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source
     model.load_state_dict(state_dict)
 
 
+# A backbone that receives less than this share of its tensors from a checkpoint is not its model's.
+MIN_LOADED_FRACTION = 0.5
+
+
+@dataclass
+class LoadReport:
+    """What pretrained weights gave a model: tensors loaded, left at initialisation, and left over."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model tensors the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)  # checkpoint tensors the model does not use
+    mismatched: list[str] = field(default_factory=list)  # "name (checkpoint shape, model shape)"
+    adapted: list[str] = field(default_factory=list)  # reshaped by the family's checkpoint filter
+
+    def summary(self, limit: int = 5) -> str:
+        def listed(title: str, names: list[str]) -> str:
+            more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
+            return f"; {title} ({len(names)}): {', '.join(names[:limit])}{more}" if names else ""
+
+        return (
+            f"from {self.source}: loaded {len(self.loaded)} of {len(self.loaded) + len(self.missing)} tensors"
+            + listed("adapted to the window grid", self.adapted)
+            + listed("left at initialisation", self.missing)
+            + listed("not used", self.unexpected)
+            + listed("shapes differ, not loaded", self.mismatched)
+        )
+
+
+def checkpoint_filter(model: nn.Module):
+    """The ``checkpoint_filter_fn`` of the model's family (converts official and timm layouts,
+    resizes window tokens), None when the family has none."""
+    import sys
+
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
     names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     return tuple(f"{name}." for name in names)
 
 
-def family_filter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model family's ``checkpoint_filter_fn`` applied (official layouts converted, window tokens
-    resized), when the family has one and the checkpoint is one it understands."""
-    import sys
-
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        return state_dict
-    try:
-        return dict(filter_fn(dict(state_dict), model))
-    except Exception:  # a filter written for another layout; compare the raw tensors instead
-        return state_dict
+def _flat_name(name: str) -> str:
+    # timm's feature wrappers rename "stages.0.x" to "stages_0.x" (FeatureListNet) or prefix "model.".
+    return name.removeprefix("model.").replace(".", "_")
 
 
-def load_for_finetune(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> str:
-    """Load weights into a model whose classifier may differ; returns a report of what was loaded.
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike, reference: nn.Module | None = None
+) -> LoadReport:
+    """Load pretrained weights (ours, a timm state dict, an official checkpoint) into ``model``.
 
-    Classifier tensors of another shape (another number of classes) are left as initialised; any
-    other missing, unexpected or ill-fitting tensor is an error naming the keys and shapes.
+    The family's checkpoint filter adapts the weights to ``reference``: the model itself, or for a
+    backbone (``features_only``) a classifier of the same model built alike, whose tensors the
+    backbone's match by name. A classifier may differ from the checkpoint only in its head (another
+    number of classes: initialised afresh); a backbone takes what it uses, and fails when shapes
+    disagree or it receives less than half its tensors (another model). Raises
+    :class:`~sepvit.errors.CheckpointError` naming what does not fit.
     """
-    state_dict = family_filter(model, state_dict)
-    differences = compare_state_dicts(model, state_dict)
-    head = _classifier_prefixes(model)
-    expected = model.state_dict()
-    body = {kind: [key for key in keys if not key.startswith(head)] for kind, keys in differences.items()}
-    if any(body.values()):
-        raise CheckpointError(f"{source} does not fit the model: {describe_differences(body)}")
-    loadable = {
-        key: value
-        for key, value in state_dict.items()
-        if key in expected and expected[key].shape == value.shape
-    }
+    state_dict, _ = read_weights(source)
+    target = model if reference is None else reference
+    filter_fn = checkpoint_filter(target)
+    adapted = dict(state_dict)
+    if filter_fn is not None:
+        try:
+            adapted = dict(filter_fn(dict(state_dict), target))
+        except Exception as error:  # a foreign checkpoint can break a filter in any way
+            raise CheckpointError(
+                f"{source} does not fit {type(target).__name__}: {reason(error)}"
+            ) from error
+    report = LoadReport(str(source))
+    by_flat_name = {_flat_name(key): key for key in adapted}
+    loadable = {}
+    for name, tensor in model.state_dict().items():
+        key = by_flat_name.pop(_flat_name(name), None)
+        if key is None:
+            report.missing.append(name)
+        elif adapted[key].shape != tensor.shape:
+            report.mismatched.append(f"{key} (checkpoint {_shape(adapted[key])}, model {_shape(tensor)})")
+        else:
+            loadable[name] = adapted[key]
+            report.loaded.append(name)
+            if key in state_dict and state_dict[key].shape != tensor.shape:
+                report.adapted.append(key)
+    report.unexpected = sorted(by_flat_name.values())
+    report.mismatched.sort()
+    _check_fit(report, _classifier_prefixes(target) if reference is None else None, len(model.state_dict()))
     model.load_state_dict(loadable, strict=False)
-    report = f"fine-tuning from {source}: loaded {len(loadable)}/{len(expected)} tensors"
-    fresh = sorted(key for key in expected if key.startswith(head) and key not in loadable)
-    if fresh:
-        shapes = ", ".join(
-            f"{key} {_shape(state_dict[key])}→{_shape(expected[key])}" if key in state_dict else key
-            for key in fresh
-        )
-        report += f"; classifier initialised afresh: {shapes}"
     return report
+
+
+def _check_fit(report: LoadReport, head: tuple[str, ...] | None, total: int) -> None:
+    """A classifier (``head``: its classifier's prefixes) may differ in its head only; a backbone
+    (``head`` None) in no shape, and must receive at least half its tensors."""
+    if head is not None:
+        body = {
+            kind: [key for key in keys if not key.startswith(head)]
+            for kind, keys in (("missing", report.missing), ("unexpected", report.unexpected),
+                               ("mismatched", report.mismatched))
+        }  # fmt: skip
+        if any(body.values()):
+            raise CheckpointError(f"{report.source} does not fit the model: {describe_differences(body)}")
+    elif report.mismatched or len(report.loaded) < MIN_LOADED_FRACTION * total:
+        raise CheckpointError(f"{report.source} does not fit the model: {report.summary()}")
 
 
 class RunCheckpoints:
@@ -236,11 +296,11 @@ class RunCheckpoints:
     def save(
         self,
         folder: Path,
-        weights: Mapping[str, tuple[Mapping[str, torch.Tensor], dict[str, Any]]],
+        weights: Mapping[str, tuple[Mapping[str, torch.Tensor], RunDescription]],
         state: dict[str, Any],
         best_from: Path | None = None,
     ) -> None:
-        """Write a new set into ``folder`` (``weights``: name → (state dict, info); ``state``: the
+        """Write a new set into ``folder`` (``weights``: name → (state dict, description); ``state``: the
         training state) and switch ``LATEST`` to it. ``best_from`` is the set holding the best
         weights when this one has none."""
         if folder.exists():  # left by a save that was killed before the pointer switch
@@ -269,23 +329,24 @@ class RunCheckpoints:
             if source.exists():
                 link_atomically(source, weights_path(self.run_dir, name))
 
-    def load(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-        """(set folder, model weights, their info, training state) of the latest set."""
+    def load(self) -> tuple[Path, dict[str, torch.Tensor], RunDescription, dict[str, Any]]:
+        """(set folder, model weights, their description, training state) of the latest set."""
         folder = self.latest()
         if folder is None:
             raise CheckpointError(f"{self.run_dir} holds no checkpoint to resume ({self.pointer} is missing)")
-        weights, info = read_checkpoint(weights_path(folder, LAST))
+        weights, description = read_checkpoint(weights_path(folder, LAST))
         state_file = check_file(folder / STATE_FILE, "training state")
         try:
             state = torch.load(state_file, map_location="cpu", weights_only=True)
         except Exception as error:  # a corrupt file raises any of several types
             raise CheckpointError(f"cannot load training state {state_file}: {reason(error)}") from error
+        progress = description.progress
         if not isinstance(state, dict) or (state.get("epoch"), state.get("step_in_epoch")) != (
-            info["epoch"],
-            info["step_in_epoch"],
+            progress.get("epoch"),
+            progress.get("step_in_epoch"),
         ):
             raise CheckpointError(f"{folder}: the weights and the training state are from different steps")
-        return folder, weights, info, state
+        return folder, weights, description, state
 
     def clean(self, keep: set[Path]) -> list[Path]:
         """Remove what an interrupted save left: temporary files, and sets other than ``keep``."""

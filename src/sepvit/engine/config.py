@@ -10,7 +10,6 @@ named like the options), then the options given on the command line.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -65,14 +64,14 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return " or ".join(repr(value) for value in typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+        return " or ".join(type_name(arg) for arg in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        inner = _type_name(args[0])
+        inner = type_name(args[0])
         return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
     return {type(None): "none", bool: "true/false", int: "an integer", float: "a number"}.get(
         hint, getattr(hint, "__name__", str(hint))
@@ -86,7 +85,7 @@ def coerce(value: Any, hint: Any) -> Any:
         allowed = typing.get_args(hint)
         if value in allowed:
             return value
-        raise ValueError(f"expected {_type_name(hint)}, got {value!r}")
+        raise ValueError(f"expected {type_name(hint)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
@@ -99,7 +98,7 @@ def coerce(value: Any, hint: Any) -> Any:
                 return coerce(value, arg)
             except ValueError:
                 continue
-        raise ValueError(f"expected {_type_name(hint)}, got {value!r}")
+        raise ValueError(f"expected {type_name(hint)}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(hint)
         if isinstance(value, str):
@@ -107,7 +106,7 @@ def coerce(value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         if args[-1] is not Ellipsis and len(value) != len(args):
-            raise ValueError(f"expected {_type_name(hint)}, got {value!r}")
+            raise ValueError(f"expected {type_name(hint)}, got {value!r}")
         return tuple(coerce(item, args[0]) for item in value)
     if hint is bool:
         if isinstance(value, bool):
@@ -132,7 +131,7 @@ def coerce(value: Any, hint: Any) -> Any:
                 pass
     elif hint is str and isinstance(value, str):
         return value
-    raise ValueError(f"expected {_type_name(hint)}, got {value!r}")
+    raise ValueError(f"expected {type_name(hint)}, got {value!r}")
 
 
 def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -276,79 +275,6 @@ def field_names(config_type: type[TrainConfig]) -> list[str]:
     return [spec.name for spec in dataclasses.fields(config_type)]
 
 
-def add_options(parser: argparse.ArgumentParser, config_type: type[TrainConfig]) -> None:
-    """One option per field, grouped, with the default in the help and left out of the namespace.
-
-    Leaving defaults out (``argparse.SUPPRESS``) tells the options a user typed apart from the
-    defaults, so a preset, a resumed run or a config file can fill in the rest.
-    """
-    hints = typing.get_type_hints(config_type)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for spec in dataclasses.fields(config_type):
-        meta = spec.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(
-            meta["group"], parser.add_argument_group(meta["group"])
-        )
-        default = spec.default
-        if isinstance(default, tuple):
-            default = " ".join(map(str, default))
-        help_text = meta["help"] if default is None else f"{meta['help']} (default: {default})"
-        kwargs: dict[str, Any] = {
-            "dest": spec.name,
-            "default": argparse.SUPPRESS,
-            "help": help_text.replace("%", "%%"),
-        }
-        hint = hints[spec.name]
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs.update(type=_argparse_type(hint), metavar=meta["metavar"], nargs=meta["nargs"])
-            if meta["const"] is not None:
-                kwargs["const"] = meta["const"]
-            if meta["choices"]:
-                kwargs["choices"] = meta["choices"]
-        group.add_argument(flag_name(spec.name), **kwargs)
-
-
-def _argparse_type(hint: Any):
-    item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
-
-    def parse(text: str) -> Any:
-        try:
-            return coerce(text, item)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    parse.__name__ = _type_name(item)
-    return parse
-
-
-def add_command_options(parser: argparse.ArgumentParser, presets: Mapping[str, Any]) -> None:
-    """``--config``, ``--preset`` and ``--resume``: where values come from, not values themselves."""
-    group = parser.add_argument_group("configuration")
-    group.add_argument(
-        "--config", metavar="FILE", default=None, help="YAML or JSON file whose keys stand in for the options"
-    )
-    group.add_argument(
-        "--preset",
-        choices=tuple(presets),
-        default=None,
-        help="named set of options applied before --config and the flags",
-    )
-    group.add_argument(
-        "--resume",
-        metavar="RUN",
-        default=None,
-        help="continue a run exactly from its folder: its config.yaml is reused; --epochs, --lr and "
-        "other schedule or logging options given here are applied, options that define the run are refused",
-    )
-    group.add_argument(
-        "--json",
-        action="store_true",
-        help="print the run's outcome as JSON on standard output (the log goes to standard error)",
-    )
-
-
 def read_config_file(path: str | Path, config_type: type[TrainConfig]) -> dict[str, Any]:
     """Options from a YAML or JSON file, keys normalised to field names; unknown keys are refused."""
     path = Path(path)
@@ -405,14 +331,17 @@ def build_config(
     return config_type(**values)
 
 
-def resolve_run_config(
+def resolve_config(
     config_type: type[TrainConfig],
-    namespace: argparse.Namespace,
-    presets: Mapping[str, Mapping[str, Any]],
-    run_defining: tuple[str, ...],
-    default_preset: str | None = None,
+    options: Mapping[str, Any],
+    *,
+    preset: Mapping[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    run_defining: tuple[str, ...] = (),
 ) -> tuple[TrainConfig, Path | None]:
-    """The configuration a command line asks for, and the run folder it resumes (if any).
+    """The configuration ``options`` (the values a user gave) ask for, and the run folder ``resume``
+    names (if any).
 
     A resumed run starts from its saved ``config.yaml``; options given now apply (a longer
     schedule, another learning rate), except those that define the run (``run_defining``: the
@@ -420,16 +349,11 @@ def resolve_run_config(
     """
     from sepvit.engine.checkpoint import find_run
 
-    explicit = {key: value for key, value in vars(namespace).items() if key in field_names(config_type)}
-    preset_name = getattr(namespace, "preset", None) or default_preset
-    resume = getattr(namespace, "resume", None)
-    config_file = getattr(namespace, "config", None)
     if not resume:
-        preset = presets[preset_name] if preset_name else None
-        return build_config(config_type, explicit, preset=preset, config_file=config_file), None
+        return build_config(config_type, options, preset=preset, config_file=config_file), None
     run_dir = find_run(resume)
     saved = read_config_file(run_dir / "config.yaml", config_type)
-    config = build_config(config_type, explicit, config_file=config_file, resumed=saved)
+    config = build_config(config_type, options, config_file=config_file, resumed=saved)
     before = config_type(**saved)
     changed = [
         f"{flag_name(key)} from {getattr(before, key)} to {getattr(config, key)}"

@@ -34,13 +34,14 @@ from torch.utils.data import Dataset, Subset
 from sepvit.engine import checkpoint as ckpt
 from sepvit.engine.config import AUTO, TrainConfig
 from sepvit.engine.data import SeededItems, ShardedSampler, make_loader, one_line
+from sepvit.engine.description import RunDescription
 from sepvit.engine.distributed import DistContext, all_reduce, any_process, from_main, gather
-from sepvit.engine.files import make_folder, write_text
 from sepvit.engine.optim import amp_dtype, autocast, build_optimizer, build_scheduler
 from sepvit.engine.reporting import Progress, TensorBoard, epoch_summary, log, try_plot_curves, write_csv
 from sepvit.engine.shards import ShardStream
 from sepvit.errors import CheckpointError, ConfigError, DataError, SepViTError, TrainingError
 from sepvit.utils.extras import require
+from sepvit.utils.files import make_folder, write_text
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class Task(abc.ABC):
 
     @property
     def data_name(self) -> str:
-        data = getattr(self.config, "data", None)
-        return Path(data).name if data else "shapes"
+        """The data's short name, part of a new run folder's name."""
+        return Path(str(getattr(self.config, "data", "data"))).name
 
     @abc.abstractmethod
     def setup(self, context: DistContext) -> None:
@@ -98,7 +99,7 @@ class Task(abc.ABC):
         """Validation metrics; processes other than rank 0 may return None (rank 0's are used)."""
 
     @abc.abstractmethod
-    def checkpoint_info(self) -> dict[str, Any]:
+    def describe(self) -> RunDescription:
         """What rebuilds the model from a checkpoint (stored in every weights file)."""
 
     def batch_images(self, batch: Any) -> int:
@@ -110,8 +111,9 @@ class RunResult:
     run_dir: Path
     history: list[dict[str, Any]]
     best: dict[str, Any] = field(default_factory=dict)
-    interrupted_by: str | None = None
+    interrupted_by: str | None = None  # the signal that stopped the run (after saving), if any
     plots: list[Path] = field(default_factory=list)
+    main_process: bool = True  # rank 0 of a torchrun job, which writes the run folder and reports
 
 
 def capture_rng() -> dict[str, Any]:
@@ -219,18 +221,41 @@ class Trainer:
         self.resume_dir = resume_dir
         self.run_dir = resume_dir or self._new_run_dir()
         self.checkpoints = ckpt.RunCheckpoints(self.run_dir)
-
         if config.sync_bn and context.distributed and context.device.type == "cpu":
             raise ConfigError("--sync-bn needs GPUs: PyTorch synchronises BatchNorm only on accelerators")
         seed_everything(config.seed)
         task.setup(context)
-        self.model = task.model.to(context.device)
+        self.model = self._placed_model()
+        self.train_loader = self._train_loader()
+        self._build_optimisation()
+
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # optimizer steps completed in the current epoch
+        self.partial: dict[str, float] = {}  # sums of losses × images, and images, this epoch so far
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
+        # Each process draws its own augmentation noise (drop path, mixup); timm offsets by rank too.
+        seed_everything(config.seed + context.rank)
+        if resume_dir:
+            self._resume()
+        self.scheduler.step_update(num_updates=self.global_step)
+
+    def _placed_model(self) -> nn.Module:
+        """The task's model on the device, synchronised BatchNorm and memory format as configured."""
+        config, context = self.config, self.context
+        model = self.task.model.to(context.device)
         if config.sync_bn and context.distributed:
             from timm.layers import convert_sync_batchnorm
 
-            self.model = convert_sync_batchnorm(self.model)  # same parameters, synchronised statistics
+            model = convert_sync_batchnorm(model)  # same parameters, synchronised statistics
         if config.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def _train_loader(self) -> torch.utils.data.DataLoader:
+        """This process's batches of the (limited) training set; sets the steps per epoch."""
+        config, context, task = self.config, self.context, self.task
         train_set = task.train_set
         streamed = isinstance(train_set, ShardStream)
         if config.limit_train is not None:
@@ -255,7 +280,7 @@ class Trainer:
             self.train_order = sampler = ShardedSampler(
                 len(train_set), context.rank, context.world_size, True, config.seed, self.global_batch
             )
-        self.train_loader = make_loader(
+        return make_loader(
             self.train_data,
             sampler,
             config.batch_size,
@@ -264,6 +289,10 @@ class Trainer:
             pin_memory=context.device.type == "cuda",
             collate_fn=task.collate_fn,
         )
+
+    def _build_optimisation(self) -> None:
+        """EMA, optimizer, schedule, mixed precision, and the model as trained (DDP, compiled)."""
+        config, context = self.config, self.context
         self.ema = None
         if config.model_ema:
             from timm.utils import ModelEmaV3
@@ -275,25 +304,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, self.updates_per_epoch)
         self.dtype = amp_dtype(config.amp, context.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-
         self.train_model: nn.Module = self.model
         if context.distributed:
             device_ids = [context.device.index] if context.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
-
-        self.epoch = 0  # epochs completed
-        self.step_in_epoch = 0  # optimizer steps completed in the current epoch
-        self.partial: dict[str, float] = {}  # sums of losses × images, and images, this epoch so far
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {}
-        self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
-        # Each process draws its own augmentation noise (drop path, mixup); timm offsets by rank too.
-        seed_everything(config.seed + context.rank)
-        if resume_dir:
-            self._resume()
-        self.scheduler.step_update(num_updates=self.global_step)
 
     @property
     def global_step(self) -> int:
@@ -313,15 +329,10 @@ class Trainer:
         return run_dir
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _info(self, weights: str, metrics: dict[str, float] | None) -> dict[str, Any]:
-        return {
-            **self.task.checkpoint_info(),
-            "task": self.task.kind.name,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "weights": weights,
-            **(metrics or {}),
-        }
+    def _info(self, weights: str, metrics: dict[str, float] | None) -> RunDescription:
+        return self.task.describe().at(
+            epoch=self.epoch, step_in_epoch=self.step_in_epoch, weights=weights, **(metrics or {})
+        )
 
     def _kept(self) -> str:
         if self.saved_at is None:
@@ -624,7 +635,7 @@ class Trainer:
         self.tensorboard = TensorBoard(
             self.run_dir / "tensorboard" if config.tensorboard and context.is_main else None
         )
-        result = RunResult(self.run_dir, self.history)
+        result = RunResult(self.run_dir, self.history, main_process=context.is_main)
         self.stop.install()
         try:
             while self.epoch < config.epochs:

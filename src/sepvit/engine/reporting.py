@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sepvit.engine.files import WRITE_ERRORS, reason, write_atomically, write_text
 from sepvit.utils.extras import require
+from sepvit.utils.files import WRITE_ERRORS, reason, write_text
+from sepvit.utils.plots import pyplot, save_figure
 
 # Columns every task's metrics.csv starts and ends with; the task's own metrics go in between.
 LEADING_COLUMNS = ("epoch",)
@@ -131,16 +132,6 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def pyplot():
-    require("matplotlib", "train").use("Agg")
-    return require("matplotlib.pyplot", "train")
-
-
-def save_figure(figure, path: Path) -> Path:
-    write_atomically({path: lambda temp: figure.savefig(temp, dpi=120, format="png")})
-    return path
 
 
 def plot_curves(history: Sequence[dict[str, Any]], run_dir: Path, metric_names: Sequence[str]) -> list[Path]:

@@ -43,9 +43,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sepvit.engine.data import seeded_rng
-from sepvit.engine.files import WriteError, make_folder, reason, write_text
 from sepvit.errors import ConfigError, DataError
 from sepvit.utils.extras import require
+from sepvit.utils.files import WriteError, make_folder, reason, write_text
 
 WDS_PREFIX = "wds:"
 INFO_FILE = "_info.json"

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from sepvit.data_io import open_image
-from sepvit.engine.files import make_folder, write_atomically
 from sepvit.explain.gradcam import grad_cam, overlay
 from sepvit.explain.receptive_field import RANGE_WINDOWS, window_range
 from sepvit.explain.window_attention import attention_heat, psa_window_attention, strongest_window
+from sepvit.utils.files import make_folder, write_atomically
 
 OUTLINE = (255, 255, 0)
 MIN_SIDE = 256  # smaller inputs are enlarged (by a whole factor, pixels kept sharp) to be seen
@@ -71,12 +71,13 @@ def explain_images(
     checkpoint: str, images: list[str], output: Path, device: str = "cpu"
 ) -> tuple[list[Explanation], dict[str, float]]:
     """Write the overlays of every image; returns them and the receptive fields (trained, at init)."""
+    from sepvit.classify.data import eval_transform
+    from sepvit.classify.inference import load_model
     from sepvit.engine.distributed import single_process
-    from sepvit.train.data import eval_transform
-    from sepvit.train.inference import load_model, model_of
+    from sepvit.runs import build_model
 
-    model, info = load_model(checkpoint)
-    transform = eval_transform(info["data_config"])
+    model, description = load_model(checkpoint)
+    transform = eval_transform(description.data_config)
     inputs = torch.stack([transform(open_image(path)) for path in images])  # every image readable first
     context = single_process(device)
     model.to(context.device)
@@ -88,7 +89,7 @@ def explain_images(
         with torch.no_grad():
             probabilities = model.eval()(batch).float().softmax(dim=1)[0]
         predicted = int(probabilities.argmax())
-        rgb = _rgb(image, info["data_config"])
+        rgb = _rgb(image, description.data_config)
         heat = grad_cam(model, batch, predicted)
         gradcam = _save_png(output / f"{stem}_gradcam.png", overlay(rgb, heat))
         psa_path = None
@@ -101,11 +102,13 @@ def explain_images(
             psa_heat = attention_heat(attention, query, heat.shape)
             psa_path = _save_png(output / f"{stem}_psa.png", overlay(rgb, psa_heat), box)
         explanations.append(
-            Explanation(path, info["classes"][predicted], float(probabilities[predicted]), gradcam, psa_path)
+            Explanation(
+                path, description.class_names[predicted], float(probabilities[predicted]), gradcam, psa_path
+            )
         )
 
     torch.manual_seed(0)
-    initial = model_of(info, checkpoint)
+    initial = build_model(description)
     fields = {
         "window_pixels": RANGE_WINDOWS * (inputs.shape[-1] // 8),
         "trained": window_range(model, inputs),

@@ -11,9 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from sepvit.classify.data import (
+    ClassificationImages,
+    ImageSet,
+    check_classes,
+    eval_transform,
+    load_image_sets,
+)
 from sepvit.errors import ConfigError
 from sepvit.export.quantize import QuantizationReport, quantize_int8
-from sepvit.train.data import ClassificationImages, ImageSet, check_classes, eval_transform, load_image_sets
 
 CALIBRATION_SEED = 0
 
@@ -46,9 +52,9 @@ def image_batches(
 
 def onnx_top1(path: str | os.PathLike, image_set: ImageSet, data_config: dict[str, Any]) -> float:
     """Top-1 (%) of the ONNX classifier at ``path`` on ``image_set``, as ``sepvit eval`` measures it."""
+    from sepvit.classify.task import classification_loader, evaluate
     from sepvit.engine.distributed import single_process
-    from sepvit.engine.onnx_runtime import OnnxClassifier
-    from sepvit.train.task import classification_loader, evaluate
+    from sepvit.utils.onnx_runtime import OnnxClassifier
 
     context = single_process("cpu")
     loader = classification_loader(

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sepvit.engine.onnx_runtime import METADATA_KEY, onnxruntime_session
 from sepvit.errors import ExportError
 from sepvit.layers import prepare_for
 from sepvit.utils.extras import require
+from sepvit.utils.onnx_runtime import METADATA_KEY, onnxruntime_session
 
 # Operators every ONNX runtime implements: dense algebra, elementwise math, normalisation, shape
 # bookkeeping. Deliberately absent: gathers/scatters with index tensors (GatherND, ScatterND,

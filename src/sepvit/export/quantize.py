@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sepvit.engine.onnx_runtime import METADATA_KEY
 from sepvit.errors import ExportError
 from sepvit.utils.extras import require
+from sepvit.utils.onnx_runtime import METADATA_KEY
 
 SENSITIVE_OPERATORS = frozenset({"Softmax", "LayerNormalization"})  # besides residual adds and the head
 PRODUCTS = ("Conv", "Gemm", "MatMul")  # the operators quantised

@@ -11,7 +11,8 @@ Layout: a 16x patch embedding of four stride-2 3x3 Conv+BN, then three stages of
 convolution is followed by BatchNorm, folded away by :meth:`EfficientViT.fuse`.
 """
 
-from __future__ import annotations
+# No postponed annotations (``from __future__ import annotations``) here: torch.fx copies forward()'s
+# annotations into the code it generates, and TorchScript cannot read a postponed one there.
 
 from collections.abc import Sequence
 from functools import partial
@@ -74,7 +75,7 @@ class ResidualConvFFN(nn.Module):
         x = self.dw(x) if self.identity_in_dw else x + self.drop_path(self.dw(x))
         return x + self.drop_path(self.ffn(x))
 
-    def fuse(self) -> ResidualConvFFN:
+    def fuse(self) -> "ResidualConvFFN":
         """Deploy mode: Conv+BN folded, and x + dw(x) made one depthwise conv (centre tap + 1)."""
         reparameterize(self, inplace=True)
         if not self.identity_in_dw:
@@ -318,7 +319,7 @@ class EfficientViT(nn.Module):
             head = BatchNormLinear(self.head_hidden_size, num_classes, self.drop_rate)
             self.head = head.to(device=like.device, dtype=like.dtype).train(self.training)
 
-    def fuse(self) -> EfficientViT:
+    def fuse(self) -> "EfficientViT":
         """Deploy mode, in place: Conv+BN and the head's BN+Linear folded."""
         return reparameterize(self, inplace=True)
 

@@ -10,7 +10,8 @@ the transformer width, separable self-attention transformer layers on 2x2 patche
 projection back). Feature strides 2, 4, 8, 16, 32.
 """
 
-from __future__ import annotations
+# No postponed annotations (``from __future__ import annotations``) here: torch.fx copies forward()'s
+# annotations into the code it generates, and TorchScript cannot read a postponed one there.
 
 import math
 from functools import partial
@@ -229,7 +230,7 @@ class MobileViTv2(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
-    def fuse(self) -> MobileViTv2:
+    def fuse(self) -> "MobileViTv2":
         """Deploy mode, in place: Conv+BN folded (see :func:`sepvit.utils.reparameterize`)."""
         return reparameterize(self, inplace=True)
 

@@ -23,9 +23,9 @@ def unwrap_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
     """The state dict inside a training checkpoint, EMA weights first, without DDP's ``module.``.
 
     A bare state dict passes through; wrappers are ``state_dict_ema``, ``model_ema``,
-    ``state_dict`` and ``model``.
+    ``state_dict``, ``model`` and ``module``.
     """
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
             break

@@ -1,4 +1,5 @@
-"""Sub-commands ``train``, ``demo``, ``eval`` and ``predict`` of the ``sepvit`` command (wiring only).
+"""``sepvit classify train|eval|predict`` (also as ``sepvit train|eval|predict``), ``sepvit demo`` and
+``sepvit data pack``: classification commands (wiring only).
 
 Exit codes: 0 success; 1 the run could not go on (loss or weights became NaN, a checkpoint could not
 be written); 2 bad input (missing path, unreadable data, a checkpoint that does not fit, bad option);
@@ -9,12 +10,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 
-from sepvit.engine.config import add_command_options, add_options, resolve_run_config
-from sepvit.train.config import PRESETS, RUN_DEFINING, ClassifyConfig
+from sepvit.classify.config import PRESETS, RUN_DEFINING, ClassifyConfig
+from sepvit.cli.options import (
+    add_command_options,
+    add_inference_options,
+    add_options,
+    config_from_args,
+    formatter,
+    non_negative,
+    positive,
+    print_json,
+)
+from sepvit.cli.training import run_summary, train
 
 DEMO_PRESET = "digits-demo"
 
@@ -26,33 +36,41 @@ exit codes: 0 done, 1 NaN loss or checkpoint not written, 2 bad input, 130/143 s
 (a checkpoint was saved; continue with --resume RUN)."""
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
-def add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """Options every eval/predict command shares (classification, detection, segmentation)."""
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser(
+    classify = subparsers.add_parser(
+        "classify", help="image classification: train, evaluate, predict (also as sepvit train|eval|predict)"
+    )
+    _add_task_commands(classify.add_subparsers(dest="action", metavar="ACTION", required=True))
+    _add_task_commands(subparsers)  # the short forms the README and the demo use
+    _add_demo(subparsers)
+    _add_data(subparsers)
+
+
+def _add_task_commands(commands: argparse._SubParsersAction) -> None:
+    _add_train(commands)
+    _add_eval(commands)
+    _add_predict(commands)
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
         "train",
         help="train or fine-tune a model on digits or an image folder",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description="Train any of our models (or any timm model) with the papers' recipe built from timm "
         "parts; writes checkpoints, metrics (CSV, TensorBoard) and plots to a run folder.",
         epilog=TRAIN_EPILOG,
     )
-    add_command_options(train, PRESETS)
-    add_options(train, ClassifyConfig)
-    train.set_defaults(func=train_command)
+    add_command_options(parser, PRESETS)
+    add_options(parser, ClassifyConfig)
+    parser.set_defaults(func=train_command)
 
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="train SepViT-Lite on the bundled digits, evaluate it, show where results are",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description=f"`sepvit train --preset {DEMO_PRESET}` followed by `sepvit eval` of the final "
         f"weights (EMA's when EMA is on) on the digits test split. Preset: {PRESETS[DEMO_PRESET]}. "
         "Every train option can override it.",
@@ -62,7 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_options(demo, ClassifyConfig)
     demo.set_defaults(func=demo_command, preset=DEMO_PRESET)
 
-    evaluate = subparsers.add_parser(
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
         "eval",
         help="top-1/top-5 and loss of a checkpoint (or its ONNX export) on digits or a folder's val/ images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -77,8 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="'digits' or a folder with val/<class>/*; default: the data the checkpoint was trained on",
     )
-    evaluate.add_argument("--batch-size", type=_positive, default=256, help="images per batch")
-    evaluate.add_argument("--workers", type=_non_negative, default=0, help="data-loading processes")
+    evaluate.add_argument("--batch-size", type=positive, default=256, help="images per batch")
+    evaluate.add_argument("--workers", type=non_negative, default=0, help="data-loading processes")
     evaluate.add_argument(
         "--confusion-matrix",
         metavar="PNG",
@@ -94,7 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.set_defaults(func=eval_command)
 
-    predict = subparsers.add_parser(
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser(
         "predict",
         help="top-k classes with probabilities for image files",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -104,10 +126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "checkpoint", help="best.safetensors or last.safetensors of a run, or an .onnx file exported from one"
     )
     predict.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    predict.add_argument("--top-k", type=_positive, default=5, help="classes to show per image")
+    predict.add_argument("--top-k", type=positive, default=5, help="classes to show per image")
     _add_plain_state_dict_options(predict)
     predict.set_defaults(func=predict_command)
 
+
+def _add_data(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="prepare datasets: pack an image folder into tar shards")
     actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
     pack = actions.add_parser(
@@ -120,22 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pack.add_argument("folder", help="image folder with train/ and val/")
     pack.add_argument("out", help="new folder for the shards")
-    pack.add_argument("--shard-size", type=_positive, default=1000, help="images per shard")
+    pack.add_argument("--shard-size", type=positive, default=1000, help="images per shard")
     pack.set_defaults(func=pack_command)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def _add_plain_state_dict_options(parser: argparse.ArgumentParser) -> None:
@@ -146,35 +156,33 @@ def _add_plain_state_dict_options(parser: argparse.ArgumentParser) -> None:
         help="model name, to load a checkpoint that has no sepvit metadata (a plain state dict)",
     )
     parser.add_argument(
-        "--num-classes", type=_positive, default=None, help="classes of such a plain state dict"
+        "--num-classes", type=positive, default=None, help="classes of such a plain state dict"
     )
     parser.add_argument(
         "--img-size",
-        type=_positive,
+        type=positive,
         default=None,
         help="input size for such a plain state dict (default: the model's)",
     )
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from sepvit.engine.run import run_training
-    from sepvit.train.task import ClassificationTask
+    from sepvit.classify.task import ClassificationTask
 
-    config, resume_dir = resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)
-    return run_training(ClassificationTask(config), resume_dir, args.json)[0]
+    config, resume_dir = config_from_args(ClassifyConfig, args, PRESETS, RUN_DEFINING)
+    return train(ClassificationTask(config), resume_dir, args.json)[0]
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from sepvit.classify.data import DIGITS_VAL
+    from sepvit.classify.inference import run_eval
+    from sepvit.classify.task import ClassificationTask
     from sepvit.engine.checkpoint import LAST, LAST_EMA, weights_path
-    from sepvit.engine.run import print_json, run_summary, run_training
-    from sepvit.train.data import DIGITS_VAL
-    from sepvit.train.inference import run_eval
-    from sepvit.train.task import ClassificationTask
 
     start = time.perf_counter()
-    config, resume_dir = resolve_run_config(ClassifyConfig, args, PRESETS, RUN_DEFINING)
+    config, resume_dir = config_from_args(ClassifyConfig, args, PRESETS, RUN_DEFINING)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        code, result = run_training(ClassificationTask(config), resume_dir)
+        code, result = train(ClassificationTask(config), resume_dir, as_json=False)
         if code != 0 or result is None:
             return code
         # The final weights (EMA's when EMA is on), not the best epoch: digits has no validation split
@@ -207,7 +215,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from sepvit.train.inference import run_eval
+    from sepvit.classify.inference import run_eval
 
     result = run_eval(
         args.checkpoint,
@@ -223,7 +231,7 @@ def eval_command(args: argparse.Namespace) -> int:
         args.img_size,
     )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     else:
         print(
             f"{result['checkpoint']} on {result['data']}: top-1 {result['top1']:.2f}% "
@@ -237,7 +245,7 @@ def eval_command(args: argparse.Namespace) -> int:
 def pack_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sepvit.train.data import describe, pack_image_folder
+    from sepvit.classify.data import describe, pack_image_folder
 
     info, image_sets = pack_image_folder(Path(args.folder), Path(args.out), args.shard_size)
     for (split, entry), image_set in zip(info["splits"].items(), image_sets):
@@ -247,7 +255,7 @@ def pack_command(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from sepvit.train.inference import format_predictions, run_predict
+    from sepvit.classify.inference import format_predictions, run_predict
 
     results = run_predict(
         args.checkpoint, args.images, args.top_k, args.device, args.model, args.num_classes, args.img_size

@@ -12,8 +12,8 @@ import dataclasses
 import fnmatch
 from typing import Any, Literal
 
+from sepvit.classify.data import DIGITS_DATA
 from sepvit.engine.config import AUTO, TrainConfig, option
-from sepvit.train.data import DIGITS_DATA
 
 
 @dataclasses.dataclass

@@ -10,14 +10,15 @@ import time
 import timm
 import torch
 
+from sepvit.cli.options import add_img_size, img_size, positive
 from sepvit.errors import ConfigError
 from sepvit.models import create_model, list_models, published_top1
 from sepvit.utils import count_macs, count_params
 
 
-def forward_milliseconds(model: torch.nn.Module, image_size: int, repeats: int) -> float:
+def forward_milliseconds(model: torch.nn.Module, image_size: tuple[int, int], repeats: int) -> float:
     """Median wall time of a batch-1 forward pass in eval mode, after one warm-up pass."""
-    x = torch.randn(1, 3, image_size, image_size)
+    x = torch.randn(1, 3, *image_size)
     times = []
     with torch.inference_mode():
         model(x)
@@ -34,17 +35,17 @@ def _weights_cell(tagged_name: str) -> str:
     return f"{tag:<26}{top1 if top1 is not None else '-':>6}"
 
 
-def print_table(pattern: str, image_size: int, repeats: int) -> int:
+def print_table(pattern: str, image_size: tuple[int, int], repeats: int) -> int:
     names = list_models(pattern)
     if not names:
         raise ConfigError(f"no model matches {pattern!r}; models: {', '.join(list_models())}")
     header = (
         f"{'model':<24}{'params (M)':>12}{'GMACs':>10}{'CPU ms (bs 1)':>16}   {'weights':<26}{'top-1':>6}"
     )
-    print(f"{header}   at {image_size}x{image_size}")
+    print(f"{header}   at {image_size[0]}x{image_size[1]}")
     for name in names:
         model = create_model(name).eval()
-        macs = count_macs(model, (3, image_size, image_size))
+        macs = count_macs(model, (3, *image_size))
         milliseconds = forward_milliseconds(model, image_size, repeats)
         weights = timm.list_pretrained(name) or [f"{name}.-"]
         print(
@@ -70,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "pattern", nargs="?", default="", help="wildcard filter, e.g. 'sepvit_*' (default: all)"
     )
-    parser.add_argument("--image-size", type=int, default=224, help="square input size (default: 224)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model (default: 5)")
-    parser.set_defaults(func=lambda args: print_table(args.pattern, args.image_size, args.repeats))
+    add_img_size(parser, "input size (default: 224)")
+    parser.add_argument(
+        "--repeats", type=positive, default=5, help="timed forward passes per model (default: 5)"
+    )
+    parser.set_defaults(
+        func=lambda args: print_table(args.pattern, img_size(args) or (224, 224), args.repeats)
+    )

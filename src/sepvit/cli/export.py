@@ -4,9 +4,13 @@ int8 quantisation behind an accuracy gate."""
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
+
+from sepvit.cli.options import add_img_size, add_json, img_size, positive, positive_float, print_json
+from sepvit.engine.description import RunDescription
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -21,22 +25,25 @@ def register(subparsers) -> None:
         "A checkpoint of `sepvit train` exports with its classes and preprocessing, for `sepvit eval` "
         "and `sepvit predict`; --int8 quantises it, refusing when top-1 drops more than --max-drop.",
     )
-    parser.add_argument("model", help="model name (ours or timm's), or a checkpoint of `sepvit train`")
+    parser.add_argument(
+        "model", help="model name (ours or timm's), or a checkpoint of a classification, detection or "
+        "segmentation run (a RetinaNet exports its per-anchor outputs, a segmenter its logits)",
+    )  # fmt: skip
     parser.add_argument(
         "-o", "--output", type=Path,
         help="ONNX file (default: MODEL.onnx, or beside the checkpoint: NAME.onnx / NAME-int8.onnx)",
     )  # fmt: skip
-    parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] (default: the model's)")
+    add_img_size(parser, "input size of a model by name (default: the model's)")
     parser.add_argument("--dynamic-size", action="store_true", help="dynamic height and width as well")
     parser.add_argument("--fp16", action="store_true", help="export in half precision")
     parser.add_argument("--deploy", action="store_true", help="fuse conv-BN and re-parameterised branches")
-    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--opset", type=positive, default=18, help="ONNX opset")
     parser.add_argument(
-        "--tolerance", type=float, help="max abs difference allowed, × max(1, max |output|) "
+        "--tolerance", type=positive_float, help="max abs difference allowed, × max(1, max |output|) "
         "(default 1e-4, fp16 2e-2)"
     )  # fmt: skip
     parser.add_argument(
-        "--check-batch-sizes", type=int, nargs="+", default=[1, 3], metavar="B",
+        "--check-batch-sizes", type=positive, nargs="+", default=[1, 3], metavar="B",
         help="batch sizes compared in ONNX Runtime (default: 1 3)",
     )  # fmt: skip
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
@@ -51,14 +58,15 @@ def register(subparsers) -> None:
         "(default: the data the checkpoint was trained on)",
     )  # fmt: skip
     int8.add_argument(
-        "--calibration-images", type=int, default=256, metavar="N", help="training images to calibrate on"
+        "--calibration-images", type=positive, default=256, metavar="N",
+        help="training images to calibrate on",
     )  # fmt: skip
     int8.add_argument(
         "--max-drop", type=float, default=1.0, metavar="POINTS",
         help="top-1 points int8 may lose on the held-out images; above it the sensitive nodes stay in "
         "float, and if that still loses more, nothing is written (exit 2)",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the report as JSON")
+    add_json(parser, "the report (the progress goes to standard error)")
     parser.set_defaults(func=run_export)
 
 
@@ -67,24 +75,30 @@ def _is_checkpoint(name: str) -> bool:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        code, report = _export(args)
+    if args.json:
+        print_json(report)
+    return code
+
+
+def _export(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """Export as the options say; (exit code, report)."""
     import tempfile
 
-    from sepvit.engine.files import write_text
     from sepvit.errors import ConfigError
-    from sepvit.export import ExportMismatchError, export_onnx, operator_census
+    from sepvit.export import ExportMismatchError, export_onnx
     from sepvit.export.onnx_export import check_shapes_for, prepare_deploy
     from sepvit.utils import count_params
 
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise ConfigError("--img-size takes H or H W")
     if args.int8 and args.fp16:
         raise ConfigError("--int8 and --fp16 exclude each other")
-    model, name, (channels, height, width), info = _model_to_export(args)
+    model, name, (channels, height, width), description = _model_to_export(args)
     if args.deploy:
         model = prepare_deploy(model)
     if args.output is not None:
         output = args.output
-    elif info is not None:
+    elif description is not None:
         output = Path(args.model).with_name(Path(args.model).stem + ("-int8" if args.int8 else "") + ".onnx")
     else:
         output = Path(f"{name}.onnx")
@@ -97,19 +111,18 @@ def run_export(args: argparse.Namespace) -> int:
         "model": name, "path": str(output), "fp16": args.fp16, "int8": args.int8, "deploy": args.deploy,
         "opset": args.opset,
     }  # fmt: skip
+    metadata = None if description is None else description.to_metadata()
     with tempfile.TemporaryDirectory(prefix="sepvit-export-") as folder:
         float_path = Path(folder) / "float.onnx" if args.int8 else output
         try:
             exported = export_onnx(
                 model, float_path, (channels, height, width), dynamic_size=args.dynamic_size, fp16=args.fp16,
-                opset=args.opset, name=name, check_shapes=shapes, tolerance=args.tolerance, metadata=info,
+                opset=args.opset, name=name, check_shapes=shapes, tolerance=args.tolerance, metadata=metadata,
             )  # fmt: skip
         except ExportMismatchError as error:
             print(f"  FAILED: {error}")
             report["failure"] = str(error)
-            if args.json:
-                write_text(args.json, json.dumps(report, indent=2) + "\n")
-            return 1
+            return 1, report
         print(f"{name}: {count_params(model) / 1e6:.2f} M params, graph input {exported.input_name} "
               f"{list(exported.input_shape)}, opset {exported.opset}, {'fp16' if exported.fp16 else 'fp32'}, "
               f"traced at {list(exported.traced_size)}, onnx.checker passed")  # fmt: skip
@@ -122,56 +135,77 @@ def run_export(args: argparse.Namespace) -> int:
             for r in exported.comparisons
         ]
         if args.int8:
-            report["int8"] = _quantize(args, exported.path, output, info)
-    size_mb = output.stat().st_size / 2**20
-    print(f"  -> {output} ({size_mb:.1f} MiB)")
+            report["int8"] = _quantize(args, exported.path, output, description)
+    report.update(_report_operators(output))
+    return 0, report
+
+
+def _report_operators(output: Path) -> dict[str, Any]:
+    """Print the file's size and the operators its graph uses; return the operators for the report."""
+    from sepvit.export import operator_census
+
+    print(f"  -> {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     census = operator_census(output)
     print("  operators: " + ", ".join(f"{op} {n}" for op, n in census.counts.most_common()))
     unexpected = census.unexpected
     print("  non-universal operators: " + (", ".join(f"{op} {n}" for op, n in unexpected.items()) or "none"))
-    report["operators"] = dict(census.counts.most_common())
-    report["non_universal_operators"] = unexpected
-    if args.json:
-        write_text(args.json, json.dumps(report, indent=2) + "\n")
-    return 0
+    return {"operators": dict(census.counts.most_common()), "non_universal_operators": unexpected}
 
 
 def _model_to_export(args: argparse.Namespace):
-    """(model, name, (C, H, W), checkpoint information or None) for the command's model argument."""
+    """(model, name, (C, H, W), the run's description or None) for the command's model argument."""
     from sepvit.errors import ConfigError
-    from sepvit.models.names import create_model_at_size, default_input_size
+    from sepvit.models import create_model, default_input_size
 
     if _is_checkpoint(args.model):
-        from sepvit.train.inference import load_model
-
         if args.img_size is not None:
             raise ConfigError(
                 "a checkpoint exports at the input size it was trained for; --dynamic-size serves others"
             )
-        model, info = load_model(args.model)
-        checkpoint_info = {
-            key: info[key] for key in ("model", "model_kwargs", "classes", "data", "data_config")
-        }
-        return model, info["model"], tuple(info["data_config"]["input_size"]), checkpoint_info
+        model, description = _run_to_export(args.model)
+        if args.int8 and description.task != "classify":
+            raise ConfigError("--int8 measures top-1: it quantises classification runs")
+        return model, description.model, (3, *description.input_size), description.at()
     if args.int8:
         raise ConfigError("--int8 needs a trained checkpoint (its accuracy is what the gate measures)")
-    img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
+    size = img_size(args)
     channels, height, width = default_input_size(args.model)
-    if img_size:
-        height, width = img_size
-    return create_model_at_size(args.model, img_size), args.model, (channels, height, width), None
+    if size:
+        height, width = size
+    model = create_model(args.model, **({"img_size": size} if size else {})).eval()
+    return model, args.model, (channels, height, width), None
 
 
-def _quantize(args: argparse.Namespace, float_path: Path, output: Path, info: dict) -> dict[str, Any]:
+def _run_to_export(path: str):
+    """A run's model in the form that exports, and its description."""
+    from sepvit.runs import load_run
+
+    model, description = load_run(path)
+    if description.task == "detect":
+        from sepvit.dense.detection import exportable
+
+        model = exportable(model)
+    return model, description
+
+
+def _quantize(
+    args: argparse.Namespace, float_path: Path, output: Path, description: RunDescription
+) -> dict[str, Any]:
     """Quantise ``float_path`` to ``output`` behind the gate; print and return what was measured."""
     from sepvit.errors import ConfigError
     from sepvit.export.calibration import quantize_on_data
 
-    data = args.calibration or info.get("data")
+    data = args.calibration or description.data
     if not data:
         raise ConfigError("pass --calibration (digits or a folder): the checkpoint does not name its data")
     result, calibration_count, held_out_count = quantize_on_data(
-        float_path, output, data, info["data_config"], info["classes"], args.calibration_images, args.max_drop
+        float_path,
+        output,
+        data,
+        description.data_config,
+        description.class_names,
+        args.calibration_images,
+        args.max_drop,
     )
     kept = f", {len(result.kept_in_float)} sensitive nodes kept in float" if result.kept_in_float else ""
     print(f"  int8: top-1 {result.float_top1:.2f}% fp32 -> {result.int8_top1:.2f}% int8 "

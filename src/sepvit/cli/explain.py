@@ -7,8 +7,9 @@ output folder that cannot be written).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from sepvit.cli.options import add_device, add_json, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="best.safetensors or last.safetensors of a run")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--output", type=Path, default=Path("explain"), help="folder for the PNG files")
-    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_device(parser, default="cpu")
+    add_json(parser)
     parser.set_defaults(func=explain_command)
 
 
@@ -40,7 +41,7 @@ def explain_command(args: argparse.Namespace) -> int:
             ],
             "effective_receptive_field": fields,
         }
-        print(json.dumps(document, indent=2))
+        print_json(document)
         return 0
     for item in explanations:
         written = ", ".join(str(path) for path in (item.gradcam, item.psa) if path is not None)

@@ -16,15 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sepvit.data_io import open_image
-from sepvit.engine import checkpoint as ckpt
-from sepvit.engine.distributed import DistContext, single_process
-from sepvit.engine.onnx_runtime import OnnxClassifier
-from sepvit.engine.optim import amp_dtype
-from sepvit.engine.reporting import log, pyplot, save_figure
-from sepvit.engine.shards import ShardSet
-from sepvit.errors import CheckpointError, ConfigError
-from sepvit.train.data import (
+from sepvit.classify.data import (
     ImageSet,
     check_classes,
     describe,
@@ -32,26 +24,22 @@ from sepvit.train.data import (
     evaluation_images,
     load_classification_data,
 )
-from sepvit.train.models import create_model, data_config_for, default_img_size
-from sepvit.train.task import classification_loader, evaluate
+from sepvit.classify.models import build_classifier, data_config_for, describe_classifier
+from sepvit.classify.task import classification_loader, evaluate
+from sepvit.data_io import open_image
+from sepvit.engine import checkpoint as ckpt
+from sepvit.engine.description import RunDescription
+from sepvit.engine.distributed import DistContext, single_process
+from sepvit.engine.optim import amp_dtype
+from sepvit.engine.reporting import log
+from sepvit.engine.shards import ShardSet
+from sepvit.errors import CheckpointError, ConfigError
+from sepvit.models import default_input_size
+from sepvit.runs import load_run
+from sepvit.utils.onnx_runtime import OnnxClassifier
+from sepvit.utils.plots import pyplot, save_figure
 
 PREDICT_BATCH = 64
-
-
-def model_of(info: dict[str, Any], path: str) -> nn.Module:
-    """The model a checkpoint's description names, with its options and random weights."""
-    kwargs = dict(info["model_kwargs"])
-    kwargs.pop("num_classes", None)
-    try:
-        model, _ = create_model(
-            info["model"], len(info["classes"]), kwargs.pop("img_size", None), None, False, kwargs
-        )
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{path}: its model {info['model']} cannot be built from the options it records "
-            f"({' '.join(str(error).split())})"
-        ) from error
-    return model
 
 
 def load_model(
@@ -60,66 +48,59 @@ def load_model(
     num_classes: int | None = None,
     img_size: int | None = None,
     classes: list[str] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a checkpoint describes, with its weights; ``model_name`` loads a plain state dict
-    (whose class names are ``classes`` when given, else 0..N-1). An ``.onnx`` file gives an
-    :class:`~sepvit.engine.onnx_runtime.OnnxClassifier` and the metadata ``sepvit export`` stored."""
+) -> tuple[nn.Module, RunDescription]:
+    """The classifier of a run's checkpoint (:func:`sepvit.runs.load_run`); ``model_name`` loads a
+    plain state dict (whose class names are ``classes`` when given, else 0..N-1). An ``.onnx`` file
+    gives an :class:`~sepvit.utils.onnx_runtime.OnnxClassifier` and the description ``sepvit export``
+    stored."""
     if Path(path).suffix.lower() == ".onnx":
         return load_onnx_model(
             path, model_name is not None or num_classes is not None or img_size is not None
         )
     if model_name is None:
-        state_dict, info = ckpt.read_checkpoint(path, "classify")
-    else:
-        state_dict, info = ckpt.read_weights(path)
+        return load_run(path, "classify")
+    state_dict, description = ckpt.read_weights(path)
     ckpt.check_finite(state_dict, f"checkpoint {path}")
-    if info is not None and model_name is None:
-        model = model_of(info, path)
-        ckpt.load_strict(model, state_dict, path)
-        return model.eval(), info
     if num_classes is None:
-        num_classes = len(info["classes"]) if info else (len(classes) if classes else None)
+        num_classes = len(description.class_names) if description else (len(classes) if classes else None)
     if num_classes is None:
         raise ConfigError(f"{path} does not say how many classes it has: pass --num-classes")
-    size = img_size or default_img_size(model_name)
-    model, kwargs = create_model(model_name, num_classes, size)
+    size = img_size or default_input_size(model_name)[-1]
+    model, kwargs = build_classifier(model_name, num_classes, size)
     ckpt.load_strict(model, state_dict, path)
-    if info:
-        names = info["classes"]
+    if description:
+        names = description.class_names
     elif classes is not None and len(classes) == num_classes:
         names = list(classes)
     else:
         names = [str(i) for i in range(num_classes)]
-    info = {
-        "model": model_name,
-        "model_kwargs": kwargs,
-        "classes": names,
-        "data": info["data"] if info else None,
-        "data_config": data_config_for(model, size, "auto"),
-    }
-    return model.eval(), info
+    data = description.data if description else None
+    return model.eval(), describe_classifier(
+        model_name, kwargs, names, data_config_for(model, size, "auto"), data
+    )
 
 
-def load_onnx_model(path: str, plain_options: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """An ONNX classifier exported from a checkpoint, and that checkpoint's information."""
-    from sepvit.engine.onnx_runtime import read_metadata
+def load_onnx_model(path: str, plain_options: bool = False) -> tuple[nn.Module, RunDescription]:
+    """An ONNX classifier exported from a checkpoint, and that checkpoint's description."""
+    from sepvit.utils.onnx_runtime import read_metadata
 
     if plain_options:
         raise ConfigError("--model, --num-classes and --img-size are for plain state dicts, not ONNX files")
     if not Path(path).is_file():
         raise CheckpointError(f"ONNX file {path} does not exist")
-    info = read_metadata(path)
-    if info is None or not {"classes", "data_config"} <= info.keys():
+    metadata = read_metadata(path)
+    description = None if metadata is None else RunDescription.from_metadata(metadata, path)
+    if description is None or description.task != "classify" or description.data_config is None:
         raise CheckpointError(
-            f"{path} does not say what it classifies (no sepvit metadata): export it from a checkpoint, "
-            "sepvit export RUN/best.safetensors"
+            f"{path} does not say what it classifies (no sepvit metadata of a classifier): export it "
+            "from a classification checkpoint, sepvit export RUN/best.safetensors"
         )
-    return OnnxClassifier(path), info
+    return OnnxClassifier(path), description
 
 
 def held_out_loader(
     data: str,
-    info: dict[str, Any],
+    description: RunDescription,
     batch_size: int,
     workers: int,
     context: DistContext,
@@ -127,12 +108,12 @@ def held_out_loader(
     quiet: bool = True,
 ) -> DataLoader:
     """The validation images of ``data`` (``val_set`` when already loaded), checked against the classes
-    of the checkpoint ``info`` describes and transformed as its preprocessing says: what ``sepvit eval``
-    measures on."""
-    data_config = info["data_config"]
+    of the run ``description`` describes and transformed as its preprocessing says: what ``sepvit
+    eval`` measures on."""
+    data_config = description.data_config
     if val_set is None:
         _, val_set = load_classification_data(data, None, data_config["input_size"][-1])
-    check_classes(data, val_set.classes, info["classes"], "checkpoint's")
+    check_classes(data, val_set.classes, description.class_names, "checkpoint's")
     if not quiet:
         log(describe(val_set, "val"))
     return classification_loader(
@@ -159,16 +140,16 @@ def run_eval(
     val_set = None
     if model_name is not None:
         # A plain state dict has no class names: the data's folders give them.
-        _, val_set = load_classification_data(data, None, img_size or default_img_size(model_name))
+        _, val_set = load_classification_data(data, None, img_size or default_input_size(model_name)[-1])
     classes = list(val_set.classes) if val_set else None
-    model, info = load_model(path, model_name, num_classes, img_size, classes)
+    model, description = load_model(path, model_name, num_classes, img_size, classes)
     if isinstance(model, OnnxClassifier) and amp != "none":
         raise ConfigError("--amp applies to checkpoints: an ONNX graph computes in its own precision")
-    data = data or info.get("data")
+    data = data or description.data
     if not data:
         raise ConfigError("pass --data (digits or a folder): the checkpoint does not name its data")
     context = single_process(device)
-    loader = held_out_loader(data, info, batch_size, workers, context, val_set, quiet)
+    loader = held_out_loader(data, description, batch_size, workers, context, val_set, quiet)
     model.to(context.device)
     metrics = evaluate(model, loader, context, amp_dtype(amp, context.device), collect=True)
     result = {
@@ -180,11 +161,11 @@ def run_eval(
         "loss": metrics["loss"],
     }
     if confusion_matrix:
-        count = len(info["classes"])
+        count = len(description.class_names)
         matrix = np.zeros((count, count), dtype=np.int64)
         np.add.at(matrix, (metrics["targets"], metrics["predictions"]), 1)
         result["confusion_matrix"] = str(
-            plot_confusion_matrix(matrix, info["classes"], Path(confusion_matrix))
+            plot_confusion_matrix(matrix, description.class_names, Path(confusion_matrix))
         )
     return result
 
@@ -199,8 +180,8 @@ def run_predict(
     img_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """The ``top_k`` classes and probabilities of each image file."""
-    model, info = load_model(path, model_name, num_classes, img_size)
-    transform = eval_transform(info["data_config"])
+    model, description = load_model(path, model_name, num_classes, img_size)
+    transform = eval_transform(description.data_config)
     context = single_process(device)
     model.to(context.device)
     chunks = []
@@ -215,7 +196,7 @@ def run_predict(
         {
             "image": image_path,
             "predictions": [
-                {"class": info["classes"][index], "index": index, "probability": value}
+                {"class": description.class_names[index], "index": index, "probability": value}
                 for value, index in zip(row_values.tolist(), row_indices.tolist())
             ],
         }

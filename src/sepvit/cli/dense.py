@@ -8,13 +8,22 @@ dataset with the ``synthetic`` preset; with ``--data`` the paper's recipe applie
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from sepvit.cli.options import (
+    add_command_options,
+    add_inference_options,
+    add_options,
+    config_from_args,
+    non_negative,
+    positive,
+    positive_float,
+    print_json,
+)
+from sepvit.cli.training import train
 from sepvit.dense.config import DETECT_PRESETS, SEGMENT_PRESETS, DetectConfig, SegmentConfig
-from sepvit.engine.config import add_command_options, add_options, read_config_file, resolve_run_config
+from sepvit.engine.config import read_config_file
 from sepvit.errors import ConfigError
-from sepvit.train.cli import add_inference_options
 
 
 def _train_parser(commands, name: str, help_text: str, config_type, presets: dict) -> None:
@@ -38,7 +47,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default=None, help="split to evaluate (default: the run's validation split)"
     )
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--workers", type=non_negative, default=0, help="data-loading processes")
     add_inference_options(parser)
 
 
@@ -51,7 +60,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _scale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--scales", type=float, nargs="+", default=[1.0], help="test scales (image resize factors)"
+        "--scales", type=positive_float, nargs="+", default=[1.0], help="test scales (image resize factors)"
     )
     parser.add_argument(
         "--ms", action="store_true", help="multi-scale test: scales 0.5-1.75 in steps of 0.25, with flip"
@@ -69,11 +78,11 @@ def register(subparsers) -> None:
     )
     evaluate = detect_commands.add_parser("eval", help="COCO box (and mask) AP of a trained detector")
     _eval_arguments(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=2)
+    evaluate.add_argument("--batch-size", type=positive, default=2, help="images per batch")
     evaluate.set_defaults(func=_detect_eval)
     predict = detect_commands.add_parser("predict", help="draw boxes (and masks) over images, as PNG")
     _predict_arguments(predict)
-    predict.add_argument("--score-threshold", type=float, default=0.3)
+    predict.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn")
     predict.set_defaults(func=_detect_predict)
 
     segment = subparsers.add_parser("segment", help="semantic segmentation (Semantic FPN, UperNet)")
@@ -108,24 +117,23 @@ def _default_preset(args: argparse.Namespace) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from sepvit.dense.tasks import DetectionTask, SegmentationTask
-    from sepvit.engine.run import run_training
 
     task_type = DetectionTask if args.task_name == "detect" else SegmentationTask
     backbone = getattr(args, "pretrained_backbone", None)
     if backbone and not hasattr(args, "model"):  # the backbone the classification run trained
         from sepvit.engine.checkpoint import read_weights
 
-        trained_as = (read_weights(backbone)[1] or {}).get("model")
-        if trained_as:
-            args.model = trained_as
-    config, resume_dir = resolve_run_config(
+        description = read_weights(backbone)[1]
+        if description is not None:
+            args.model = description.model
+    config, resume_dir = config_from_args(
         args.config_type,
         args,
         args.presets,
         task_type.kind.run_defining,
         default_preset=_default_preset(args),
     )
-    code, result = run_training(task_type(config), resume_dir, args.json)
+    code, result = train(task_type(config), resume_dir, args.json)
     if result is not None and result.history and not result.interrupted_by and not args.json:
         last = result.history[-1]
         shown = ", ".join(
@@ -136,18 +144,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(path: Path, task: str, device: str):
-    from sepvit.dense.detection import build_detection_model
-    from sepvit.dense.segmentation import build_segmentation_model
-    from sepvit.engine.checkpoint import check_finite, load_strict, read_checkpoint
     from sepvit.engine.distributed import single_process
+    from sepvit.runs import load_run
 
-    state, info = read_checkpoint(path, task)
-    check_finite(state, f"checkpoint {path}")
-    build = build_detection_model if task == "detect" else build_segmentation_model
-    model = build(info)
-    load_strict(model, state, str(path))
+    model, description = load_run(path, task)
     context = single_process(device)
-    return model.to(context.device).eval(), info, context.device
+    return model.to(context.device), description, context.device
 
 
 def _root(args: argparse.Namespace, kind: str) -> Path:
@@ -158,7 +160,7 @@ def _root(args: argparse.Namespace, kind: str) -> Path:
 
 def _report(metrics: dict, args: argparse.Namespace, prefix: str = "") -> None:
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))
+        print_json({"checkpoint": str(args.checkpoint), **metrics})
     else:
         print(prefix + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items()))
 
@@ -185,7 +187,7 @@ def _predictions(args: argparse.Namespace):
 
     from sepvit.data_io import open_image
     from sepvit.engine.data import output_names
-    from sepvit.engine.files import make_folder
+    from sepvit.utils.files import make_folder
 
     paths = _image_paths(args.images)
     make_folder(args.output)
@@ -196,7 +198,7 @@ def _predictions(args: argparse.Namespace):
 def _save_png(canvas, path: Path) -> None:
     from PIL import Image
 
-    from sepvit.engine.files import write_atomically
+    from sepvit.utils.files import write_atomically
 
     picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     write_atomically({path: lambda name: picture.save(name, format="PNG")})
@@ -206,30 +208,31 @@ def _detect_eval(args: argparse.Namespace) -> int:
     from sepvit.dense.data import CocoDetection
     from sepvit.dense.detection import evaluate_detection
 
-    model, info, device = _load(args.checkpoint, "detect", args.device)
+    model, description, device = _load(args.checkpoint, "detect", args.device)
     split = args.split or ("val" if args.data is None else "val2017")
     dataset = CocoDetection(_root(args, "coco"), split)
-    if dataset.class_names != info["class_names"]:
+    if dataset.class_names != description.class_names:
         raise ConfigError(
-            f"the dataset's categories {dataset.class_names} differ from the model's {info['class_names']}"
+            f"the dataset's categories {dataset.class_names} differ from the model's "
+            f"{description.class_names}"
         )
     _report(evaluate_detection(model, dataset, device, args.batch_size, args.workers), args)
     return 0
 
 
 def _predict_all(args: argparse.Namespace, task: str, draw) -> int:
-    """Run ``draw(model, info, device, image) -> (canvas, found, summary)`` on every input image; write
+    """Run ``draw(model, description, device, image) -> (canvas, found, summary)`` on every input image; write
     the canvases as PNGs and print one line per image (or JSON)."""
-    model, info, device = _load(args.checkpoint, task, args.device)
+    model, description, device = _load(args.checkpoint, task, args.device)
     results = []
     for path, output, image in _predictions(args):
-        canvas, found, summary = draw(model, info, device, image)
+        canvas, found, summary = draw(model, description, device, image)
         _save_png(canvas, output)
         results.append({"image": str(path), "output": str(output), **found})
         if not args.json:
             print(f"{path} -> {output}: {summary}")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print_json(results)
     return 0
 
 
@@ -238,11 +241,11 @@ def _detect_predict(args: argparse.Namespace) -> int:
 
     from sepvit.dense.visualize import draw_detections
 
-    def draw(model, info, device, image):
+    def draw(model, description, device, image):
         with torch.no_grad():
             prediction = model([image.to(device)])[0]
         found = int((prediction["scores"] >= args.score_threshold).sum())
-        canvas = draw_detections(image, prediction, info["class_names"], args.score_threshold)
+        canvas = draw_detections(image, prediction, description.class_names, args.score_threshold)
         return canvas, {"objects": found}, f"{found} objects"
 
     return _predict_all(args, "detect", draw)
@@ -258,11 +261,18 @@ def _segment_eval(args: argparse.Namespace) -> int:
     from sepvit.dense.data import ADE20KSegmentation, SegmentationEvalDataset
     from sepvit.dense.segmentation import evaluate_segmentation
 
-    model, info, device = _load(args.checkpoint, "segment", args.device)
-    dataset = ADE20KSegmentation(_root(args, "ade20k"), args.split or "validation", None, info["num_classes"])
+    model, description, device = _load(args.checkpoint, "segment", args.device)
+    dataset = ADE20KSegmentation(
+        _root(args, "ade20k"), args.split or "validation", None, description.extras["num_classes"]
+    )
     scales, flip = _test_scales(args)
     metrics = evaluate_segmentation(
-        model, SegmentationEvalDataset(dataset, info["crop_size"]), device, scales, flip, args.workers
+        model,
+        SegmentationEvalDataset(dataset, description.extras["crop_size"]),
+        device,
+        scales,
+        flip,
+        args.workers,
     )
     _report(metrics, args, f"scales {', '.join(map(str, scales))}{' + flip' if flip else ''}: ")
     return 0
@@ -276,14 +286,14 @@ def _segment_predict(args: argparse.Namespace) -> int:
 
     scales, flip = _test_scales(args)
 
-    def draw(model, info, device, image):
-        resized = v2.functional.resize(image, info["crop_size"], antialias=True)
+    def draw(model, description, device, image):
+        resized = v2.functional.resize(image, description.extras["crop_size"], antialias=True)
         probabilities = predict_probabilities(
             model, resized.to(device), tuple(image.shape[-2:]), scales, flip
         )
         class_map = probabilities.argmax(0).cpu()
-        present = [info["class_names"][int(c)] for c in class_map.unique()]
-        canvas = draw_class_map(image, class_map, info["num_classes"])
+        present = [description.class_names[int(c)] for c in class_map.unique()]
+        canvas = draw_class_map(image, class_map, description.extras["num_classes"])
         return canvas, {"classes": present}, ", ".join(present)
 
     return _predict_all(args, "segment", draw)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sepvit.ablation.study import PHASES, PROTOCOLS, VARIANTS
 from sepvit.ablation.tasks import TASKS
+from sepvit.cli.options import add_device, non_negative, positive
 
 STUDY_FOLDER = Path("runs/ablations")
 PUBLISHED_RESULTS, PUBLISHED_CLAIMS = Path("docs/ablations/results.json"), Path("docs/paper_claims.md")
@@ -35,14 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--protocol",
         choices=tuple(PROTOCOLS),
         default="reduced",
-        help="smoke: seconds, for tests; reduced: about two hours on 2 CPU cores with --jobs 2; "
-        "full: for a GPU",
+        help="smoke: seconds, for tests; reduced: the 2-core CPU study (an estimated 3-4 hours with "
+        "--jobs 2); full: for a GPU",
     )
     parser.add_argument(
         "--phase", choices=STAGES, default=None, help="only this step (none: pilot, main, speed, report)"
     )
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    add_device(parser)
+    parser.add_argument("--threads", type=positive, default=None, help="torch threads per process")
     parser.add_argument(
         "--tasks", nargs="+", choices=TASKS, default=None, help="only these tasks (main runs)"
     )
@@ -52,12 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seeds",
         nargs="+",
-        type=int,
+        type=non_negative,
         default=None,
         help="seeds of the main runs (none: the protocol's)",
     )
     parser.add_argument(
-        "--data-seed", type=int, default=0, help="the task draw: which canvases the digits make"
+        "--data-seed", type=non_negative, default=0, help="the task draw: which canvases the digits make"
     )
     parser.add_argument("--runs", type=Path, default=STUDY_FOLDER, help="run folders and task data")
     parser.add_argument(
@@ -73,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--report-only", action="store_true", help="the same as --phase report")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="runs trained side by side, each in its own process"
+        "--jobs", type=positive, default=1, help="runs trained side by side, each in its own process"
     )
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help=argparse.SUPPRESS)
     parser.set_defaults(func=ablate_command)
@@ -170,16 +171,7 @@ def ablate_command(args: argparse.Namespace) -> int:
 
     from sepvit.ablation.report import write_report
     from sepvit.ablation.runner import measure_speeds, read_results
-    from sepvit.errors import ConfigError
 
-    for option, value, least in (
-        ("--threads", args.threads, 1),
-        ("--jobs", args.jobs, 1),
-        ("--data-seed", args.data_seed, 0),
-        *(("--seeds", s, 0) for s in args.seeds or ()),
-    ):
-        if value is not None and value < least:
-            raise ConfigError(f"{option} must be at least {least}, got {value}")
     resolve_paths(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,29 +1,23 @@
-"""The ``sepvit`` command: one entry point, one sub-command module per capability.
+"""The ``sepvit`` command: one entry point, one module per command group.
 
-Only here do the library's exceptions become messages: a :class:`~sepvit.errors.SepViTError` is
-printed as one line ``sepvit COMMAND: error: ...`` with exit code 1 when a run could not go on
-(:class:`~sepvit.errors.TrainingError`) and 2 for bad input, options or files.
+Only here do the library's exceptions become messages and exit codes: a
+:class:`~sepvit.errors.SepViTError` is printed as one line ``sepvit COMMAND: error: ...`` with exit
+code 1 when a run could not go on (:class:`~sepvit.errors.TrainingError`) and 2 for bad input,
+options or files; a training command stopped by signal N (after saving) exits with 128 + N, the
+status :func:`sepvit.runs.run_training` gives.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from sepvit.cli import ablate, bench, classify, dense, explain, export, models
 from sepvit.errors import SepViTError, TrainingError
 
-# Each module exposes ``register(subparsers)``, adding its sub-commands with ``set_defaults(func=...)``;
+# Each module's ``register(subparsers)`` adds its commands with ``set_defaults(func=...)``;
 # ``func(args)`` returns the process exit code.
-COMMAND_MODULES = (
-    "sepvit.models.table",
-    "sepvit.train.cli",
-    "sepvit.bench.cli",
-    "sepvit.export.cli",
-    "sepvit.dense.cli",
-    "sepvit.ablation.cli",
-    "sepvit.explain.cli",
-)
+COMMAND_GROUPS = (models, classify, bench, export, dense, ablate, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Efficient vision transformers: train, evaluate, predict, benchmark and export.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for group in COMMAND_GROUPS:
+        group.register(subparsers)
     return parser
 
 

@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from sepvit.cli.options import add_img_size, img_size, non_negative, positive, positive_float
+
 
 def register(subparsers) -> None:
     from sepvit.bench.measure import BACKENDS, DTYPES, FORMS
@@ -22,8 +24,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("models", nargs="*", metavar="MODEL", help="model names or presets")
     parser.add_argument("--blocks", action="store_true", help="the paper's Table 1 blocks instead of models")
-    parser.add_argument("--batch-size", "-b", type=int, default=16, help="throughput batch size (16)")
-    parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] (default: each model's)")
+    parser.add_argument("--batch-size", "-b", type=positive, default=16, help="throughput batch size (16)")
+    add_img_size(parser, "input size (default: each model's)")
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=["eager"], help="one or more")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
@@ -37,19 +39,30 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--training", action="store_true", help="time a training step (forward + backward) at the batch size"
     )
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per model and batch size")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each visits every model)")
-    parser.add_argument("--min-round-seconds", type=float, default=0.5, help="time per model per round")
     parser.add_argument(
-        "--latency-iters", type=int, default=5, help="timed batch-1 calls per model per round"
+        "--warmup", type=non_negative, default=2, help="warm-up calls per model and batch size"
+    )
+    parser.add_argument("--rounds", type=positive, default=5, help="timed rounds (each visits every model)")
+    parser.add_argument(
+        "--min-round-seconds", type=positive_float, default=0.5, help="time per model per round"
+    )
+    parser.add_argument(
+        "--latency-iters", type=positive, default=5, help="timed batch-1 calls per model per round"
     )
     parser.add_argument("--no-latency", action="store_true", help="skip batch-1 latency")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--threads", type=int, help="torch (and ONNX Runtime) threads")
+    parser.add_argument("--threads", type=positive, help="torch (and ONNX Runtime) threads")
     parser.add_argument(
-        "--opset", type=int, default=18, help="ONNX opset of the onnxruntime backend's export (18)"
+        "--opset", type=positive, default=18, help="ONNX opset of the onnxruntime backend's export (18)"
     )
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"), help="where results go")
+    parser.add_argument(
+        "--output",
+        "--out-dir",
+        dest="out_dir",
+        type=Path,
+        default=Path("runs/bench"),
+        help="folder for the results",
+    )
     parser.set_defaults(func=run_bench)
 
 
@@ -58,14 +71,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from sepvit.bench.blocks import table1_subjects
     from sepvit.bench.measure import BenchSettings, run_benchmark
-    from sepvit.bench.models import UnknownModelError, model_subjects
+    from sepvit.bench.models import model_subjects
     from sepvit.bench.report import format_table, write_outputs
     from sepvit.errors import ConfigError
 
     if not args.models and not args.blocks:
         raise ConfigError("name at least one model or preset, or pass --blocks")
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise ConfigError("--img-size takes H or H W")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {args.device!r} requested but CUDA is not available")
     if "onnxruntime" in args.backend and args.dtype == "bf16":
@@ -74,16 +85,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError("the onnxruntime-int8 backend quantises an fp32 export: leave --dtype at fp32")
     if args.training and any(backend.startswith("onnxruntime") for backend in args.backend):
         raise ConfigError("--training times PyTorch's backward: use the eager or compile backend")
-    if min(args.batch_size, args.rounds, args.latency_iters) < 1 or args.warmup < 0:
-        raise ConfigError(
-            "--batch-size, --rounds and --latency-iters must be at least 1, --warmup at least 0"
-        )
-    img_size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
-    try:
-        subjects = table1_subjects(tuple(args.backend)) if args.blocks else []
-        subjects += model_subjects(args.models, tuple(args.backend), img_size)
-    except UnknownModelError as error:
-        raise ConfigError(str(error)) from error
+    subjects = table1_subjects(tuple(args.backend)) if args.blocks else []
+    subjects += model_subjects(args.models, tuple(args.backend), img_size(args))
     settings = BenchSettings(
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
         deploy=args.deploy, warmup=args.warmup, rounds=args.rounds,

@@ -11,16 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sepvit.engine.checkpoint import load_for_finetune, read_weights
-from sepvit.engine.config import AUTO
-from sepvit.engine.data import ShardedSampler, make_loader
-from sepvit.engine.distributed import DistContext, all_reduce
-from sepvit.engine.loop import Task, TaskKind
-from sepvit.engine.optim import autocast
-from sepvit.engine.reporting import log
-from sepvit.engine.shards import ShardSet, ShardStream
-from sepvit.train.config import RUN_DEFINING, ClassifyConfig, apply_recipe_defaults, effective_batch
-from sepvit.train.data import (
+from sepvit.classify.config import RUN_DEFINING, ClassifyConfig, apply_recipe_defaults, effective_batch
+from sepvit.classify.data import (
     ClassificationImages,
     ClassifySample,
     describe,
@@ -30,7 +22,17 @@ from sepvit.train.data import (
     load_classification_data,
     train_transform,
 )
-from sepvit.train.models import create_model, data_config_for, default_img_size
+from sepvit.classify.models import build_classifier, data_config_for, describe_classifier
+from sepvit.engine.checkpoint import load_pretrained
+from sepvit.engine.config import AUTO
+from sepvit.engine.data import ShardedSampler, make_loader
+from sepvit.engine.description import RunDescription
+from sepvit.engine.distributed import DistContext, all_reduce
+from sepvit.engine.loop import Task, TaskKind
+from sepvit.engine.optim import autocast
+from sepvit.engine.reporting import log
+from sepvit.engine.shards import ShardSet, ShardStream
+from sepvit.models import default_input_size
 
 
 class ClassificationTask(Task):
@@ -51,7 +53,7 @@ class ClassificationTask(Task):
             )
         config = apply_recipe_defaults(config, world_size)
         if config.img_size == AUTO:
-            config = config.replace(img_size=default_img_size(config.model))
+            config = config.replace(img_size=default_input_size(config.model)[-1])
         return config
 
     def setup(self, context: DistContext) -> None:
@@ -63,7 +65,7 @@ class ClassificationTask(Task):
             log(describe(train_set, "train"))
             log(describe(val_set, "val"))
         from_timm = config.pretrained == "timm"
-        self.model, self.model_kwargs = create_model(
+        self.model, self.model_kwargs = build_classifier(
             config.model,
             len(self.classes),
             config.img_size,
@@ -72,10 +74,9 @@ class ClassificationTask(Task):
             architecture=self.architecture,
         )
         if config.pretrained and not from_timm:
-            state_dict, _ = read_weights(config.pretrained)
-            report = load_for_finetune(self.model, state_dict, f"--pretrained {config.pretrained}")
+            report = load_pretrained(self.model, config.pretrained)
             if context.is_main:
-                log(report)
+                log(f"fine-tuning {report.summary()}")
         elif from_timm and context.is_main:
             log(f"fine-tuning from timm's pretrained {config.model}")
         size = self.architecture.get("img_size", config.img_size)  # the architecture's may be (H, W)
@@ -115,14 +116,10 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, context: DistContext, dtype: torch.dtype | None) -> dict[str, float]:
         return evaluate(model, self.val_loader, context, dtype, self.config.channels_last)
 
-    def checkpoint_info(self) -> dict[str, Any]:
-        return {
-            "model": self.config.model,
-            "model_kwargs": self.model_kwargs,
-            "classes": self.classes,
-            "data": self.config.data,
-            "data_config": self.data_config,
-        }
+    def describe(self) -> RunDescription:
+        return describe_classifier(
+            self.config.model, self.model_kwargs, self.classes, self.data_config, self.config.data
+        )
 
 
 def training_loss(mixup: bool, smoothing: float) -> nn.Module:

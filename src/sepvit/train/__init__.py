@@ -1,1 +1,0 @@
-"""Training, evaluation and prediction: ``sepvit train|demo|eval|predict``."""
