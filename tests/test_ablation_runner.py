@@ -82,7 +82,8 @@ def fake_record(
     )
     values.update(erf_stage1_trained=0.1, erf_stage1_init=0.1, erf_stage2_trained=0.3, erf_stage2_init=0.2)
     values.update(extra)
-    record = dict(protocol="reduced", data_seed=0, phase=phase, task=task, variant=variant, seed=seed, lr=lr)
+    record = dict(protocol="reduced", fingerprint=REDUCED.fingerprint, data_seed=0, phase=phase, task=task)
+    record.update(variant=variant, seed=seed, lr=lr)
     return {**record, "top1": top1, **values}
 
 
@@ -199,6 +200,7 @@ def test_each_verdict_follows_the_stated_rule():
 def test_report_writes_claims_tables_and_pictures(tmp_path):
     records = pilot_records() + main_records({"avgpool": [5, 6, 4, 5, 5], "local": [30, 31, 29, 30, 30]})
     records.append({**fake_record("cue", "sepvit", 0, 0.0), "protocol": "smoke"})  # another protocol
+    records.append({**fake_record("cue", "sepvit", 1, 0.0), "fingerprint": "0" * 12})  # other settings
     speeds = {name: {"train": [100.0, 95.0, 105.0], "inference": [300.0, 290.0, 310.0]} for name in VARIANTS}
     speeds["dssa"]["train"] = [150.0, 140.0, 160.0]
     claims, plots = tmp_path / "paper_claims.md", tmp_path / "ablations"
@@ -210,7 +212,7 @@ def test_report_writes_claims_tables_and_pictures(tmp_path):
     assert "+30.0 [+29.1, +30.9] (n=5)" in row and row.endswith("**reproduces** |")
     assert "| Table 5 | DSSA trains faster than Swin + CPVT (`dssa` / `swin-cpvt`)" in markdown
     assert "×1.50 (medians) | **reproduces** |" in markdown
-    assert "| `sepvit` | 80.0 [" in markdown  # the smoke record is left out of the mean
+    assert "| `sepvit` | 80.0 [" in markdown  # the smoke record and the other settings' are left out
     assert "| sepvit (`sepvit`) | 60.0 | 80.0 | 60.0 | 0.001 |" in markdown
     assert "77.5%" in markdown and "![top1](ablations/top1.png)" in markdown
 

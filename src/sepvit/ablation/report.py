@@ -114,11 +114,7 @@ class Interval:
 
 
 def main_records(records: Iterable[dict[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in records
-        if r["protocol"] == protocol.name and r["data_seed"] == protocol.data_seed and r["phase"] == "main"
-    ]
+    return [r for r in records if protocol.holds(r) and r["phase"] == "main"]
 
 
 def by_seed(records: list[dict[str, Any]], task: str, variant: str, measure: str) -> dict[int, float]:
@@ -361,10 +357,7 @@ def write_report(
     from sepvit.ablation.runner import chosen_lrs
 
     chosen = main_records(records, protocol)
-    pilot = [
-        r for r in records
-        if r["protocol"] == protocol.name and r["data_seed"] == protocol.data_seed and r["phase"] == "pilot"
-    ]  # fmt: skip
+    pilot = [r for r in records if protocol.holds(r) and r["phase"] == "pilot"]
     make_folder(plots_folder, "plots folder")
     make_folder(claims_path.parent, "report folder")
     plots = []

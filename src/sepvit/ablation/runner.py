@@ -1,13 +1,14 @@
 """The ablation study's runs: train every planned run with the engine, record each as it ends.
 
-``results.json`` holds one record per finished run: its key (protocol, data seed, phase, task,
-variant, seed, learning rate), test and validation top-1 of the last epoch, the validation curve and
-training loss of every epoch, params, GMACs, seconds, and the effective receptive field after stages
-1 and 2, trained and at initialisation (:func:`sepvit.explain.window_range`); and, apart, the
-throughput of every variant measured alone (:func:`measure_speeds`). It is rewritten atomically
-after every run, so a kill at any instant leaves it whole. A rerun skips the runs it records (and
-says so); an interrupted run continues from its last checkpoint through the engine's exact resume
-(its run folder under ``runs/``); a run killed before its first checkpoint starts over.
+``results.json`` holds one record per finished run: its key (protocol, the fingerprint of the
+protocol's settings, data seed, phase, task, variant, seed, learning rate), test and validation
+top-1 of the last epoch, the validation curve and training loss of every epoch, params, GMACs,
+seconds, and the effective receptive field after stages 1 and 2, trained and at initialisation
+(:func:`sepvit.explain.window_range`); and, apart, the throughput of every variant measured alone
+(:func:`measure_speeds`). It is rewritten atomically after every run, so a kill at any instant
+leaves it whole. A rerun skips the runs it records (and says so); an interrupted run continues from
+its last checkpoint through the engine's exact resume (its run folder under ``runs/``); a run
+killed before its first checkpoint starts over.
 
 Several processes may share one results file (``shard``: each trains every N-th run of the plan):
 every record is merged in under an exclusive lock on ``results.json.lock``, so none is lost.
@@ -36,7 +37,7 @@ from sepvit.errors import ConfigError, DataError
 from sepvit.utils.files import make_folder, reason, write_text
 
 ERF_STAGES = {"stage1": 0, "stage2": 1}
-RECORD_KEY = ("protocol", "data_seed", "phase", "task", "variant", "seed", "lr")
+RECORD_KEY = ("protocol", "fingerprint", "data_seed", "phase", "task", "variant", "seed", "lr")
 Run = tuple[str, str, int, float]  # task, variant, seed, learning rate
 
 
@@ -112,16 +113,12 @@ def add_record(path: Path, record: dict[str, Any]) -> None:
         write_results(path, results)
 
 
-def protocol_records(records: list[dict[str, Any]], protocol: Protocol) -> list[dict[str, Any]]:
-    return [r for r in records if r["protocol"] == protocol.name and r["data_seed"] == protocol.data_seed]
-
-
 def chosen_lrs(
     records: list[dict[str, Any]], protocol: Protocol, families: tuple[str, ...] = FAMILIES
 ) -> dict[str, float]:
     """Each family's learning rate: the pilot's best last-epoch validation top-1 (the smaller rate on
     a tie). The pilot of each of ``families`` must be complete."""
-    pilot = [r for r in protocol_records(records, protocol) if r["phase"] == "pilot"]
+    pilot = [r for r in records if protocol.holds(r) and r["phase"] == "pilot"]
     chosen = {}
     for family in families:
         leader = next(v.name for v in VARIANTS.values() if v.family == family)
@@ -140,7 +137,7 @@ def chosen_lrs(
 def task_data(protocol: Protocol, task: str, runs_dir: Path) -> Path:
     """The task's image folder (train/val/test), generated once per protocol and data seed, reused."""
     spec = protocol.task_spec(task)
-    root = runs_dir / "data" / f"{task}-{protocol.name}-data{protocol.data_seed}"
+    root = runs_dir / "data" / f"{task}-{protocol.name}-{protocol.fingerprint}-data{protocol.data_seed}"
     try:
         with locked(root):  # one process writes the images, the others wait and reuse them
             return write_image_folder(spec, protocol.sizes, root)
@@ -150,7 +147,7 @@ def task_data(protocol: Protocol, task: str, runs_dir: Path) -> Path:
 
 def run_folder(protocol: Protocol, phase: str, run: Run, runs_dir: Path) -> Path:
     task, variant, seed, lr = run
-    study = runs_dir / protocol.name / f"data{protocol.data_seed}" / phase
+    study = runs_dir / f"{protocol.name}-{protocol.fingerprint}" / f"data{protocol.data_seed}" / phase
     return study / task / variant / f"seed{seed}-lr{lr:g}"
 
 
@@ -213,6 +210,7 @@ def train_one(
     test = evaluate(model, classification_loader(test_images, protocol.batch_size, 0, context), context)
     record = {
         "protocol": protocol.name,
+        "fingerprint": protocol.fingerprint,
         "data_seed": protocol.data_seed,
         "phase": phase,
         "task": task,
@@ -273,7 +271,11 @@ def run_study(
     records = read_results(results_path).records  # written atomically: whole even while another shard writes
     plan = planned_runs(protocol, phase, records, tasks, variants, seeds)[index::count]
     done = {record_key(record) for record in records}
-    todo = [run for run in plan if (protocol.name, protocol.data_seed, phase, *run) not in done]
+    todo = [
+        run
+        for run in plan
+        if (protocol.name, protocol.fingerprint, protocol.data_seed, phase, *run) not in done
+    ]
     if len(plan) > len(todo):
         log(f"{phase}: reusing {len(plan) - len(todo)} of {len(plan)} runs recorded in {results_path}")
     ran = 0

@@ -28,7 +28,9 @@ initialisation seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sepvit.ablation.tasks import TASKS, TaskSpec
@@ -126,6 +128,22 @@ class Protocol:
     @property
     def img_size(self) -> tuple[int, int]:
         return self.height, 3 * self.region
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything that shapes a run (data, model, recipe, grid): a record made under
+        other settings of the same protocol name is never reused. Seeds, the task draw (recorded on
+        its own) and the report's rules are left out."""
+        unused = ("name", "seeds", "control_seeds", "reference_seeds", "data_seed", "smallest_effect",
+                  "control_gate", "speed_rounds", "speed_seconds")  # fmt: skip
+        shaping = {key: value for key, value in asdict(self).items() if key not in unused}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+    def holds(self, record: dict[str, Any]) -> bool:
+        """Whether ``record`` was made by this protocol, settings and task draw."""
+        return (record["protocol"], record["fingerprint"], record["data_seed"]) == (
+            self.name, self.fingerprint, self.data_seed,
+        )  # fmt: skip
 
     def task_spec(self, task: str) -> TaskSpec:
         return TaskSpec(task=task, height=self.height, region=self.region, seed=self.data_seed)
