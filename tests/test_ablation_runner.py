@@ -234,16 +234,19 @@ def independent_verdict(better: dict[int, float], worse: dict[int, float], effec
 
 def test_published_verdicts_follow_from_the_published_results():
     """Every verdict on docs/paper_claims.md is what the stated rule gives on docs/ablations/results.json;
-    without published results there is no published claims page."""
+    while the published study holds no main run yet (it is recorded as it goes), there is no claims
+    page."""
     results, claims = REPO / "docs" / "ablations" / "results.json", REPO / "docs" / "paper_claims.md"
-    if not results.exists():
-        assert not claims.exists()
+    published = read_results(results).records
+    assert all(REDUCED.holds(r) for r in published)  # the published study is the reduced protocol's
+    records = report_module.main_records(published, REDUCED)
+    if not claims.exists():
+        assert not records
         return
-    records = report_module.main_records(read_results(results).records, REDUCED)
-    published = claims.read_text().splitlines()
+    lines = claims.read_text().splitlines()
     gate = report_module.gate_failures(records, REDUCED)
     for item in CLAIMS:
-        line = next(line for line in published if f"(`{item.better}` − `{item.worse}`)" in line
+        line = next(line for line in lines if f"(`{item.better}` − `{item.worse}`)" in line
                     and report_module.MEASURES[item.measure] in line)  # fmt: skip
         shown = line.rsplit("|", 2)[-2].strip().strip("*")
         if item.better in gate or item.worse in gate:

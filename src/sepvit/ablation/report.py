@@ -82,15 +82,6 @@ CLAIMS: tuple[Claim, ...] = (
 )  # fmt: skip
 SPEED_CLAIM = Claim("Table 5", "DSSA trains faster than Swin + CPVT", "dssa", "swin-cpvt", "train")
 
-# t quantiles (two-sided 95%) by degrees of freedom; beyond the table the normal 1.96 is close enough.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}  # fmt: skip
-
-
-def t_quantile(freedom: int) -> float:
-    known = [df for df in T_975 if df <= freedom]
-    return T_975[max(known)] if freedom <= 29 else 1.96
-
 
 @dataclass(frozen=True)
 class Interval:
@@ -104,7 +95,10 @@ class Interval:
         mean = statistics.fmean(values)
         if len(values) < 2:
             return cls(mean, math.nan, math.nan, len(values))
-        half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        from scipy import stats
+
+        quantile = stats.t.ppf(0.975, len(values) - 1)  # two-sided 95%
+        half = quantile * statistics.stdev(values) / math.sqrt(len(values))
         return cls(mean, mean - half, mean + half, len(values))
 
     def shown(self, digits: int) -> str:
