@@ -86,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.training and any(backend.startswith("onnxruntime") for backend in args.backend):
         raise ConfigError("--training times PyTorch's backward: use the eager or compile backend")
     subjects = table1_subjects(tuple(args.backend)) if args.blocks else []
-    subjects += model_subjects(args.models, tuple(args.backend), img_size(args))
+    subjects += model_subjects(args.models, tuple(args.backend), img_size(args, args.models))
     settings = BenchSettings(
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
         deploy=args.deploy, warmup=args.warmup, rounds=args.rounds,

@@ -168,7 +168,7 @@ def _model_to_export(args: argparse.Namespace):
         return model, description.model, (3, *description.input_size), description.at()
     if args.int8:
         raise ConfigError("--int8 needs a trained checkpoint (its accuracy is what the gate measures)")
-    size = img_size(args)
+    size = img_size(args, [args.model])
     channels, height, width = default_input_size(args.model)
     if size:
         height, width = size

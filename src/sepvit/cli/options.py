@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import json
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sepvit.engine.config import TrainConfig, coerce, field_names, flag_name, resolve_config, type_name
@@ -72,15 +72,20 @@ def add_img_size(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--img-size", type=positive, nargs="+", metavar="N", help=f"H [W]: {help_text}")
 
 
-def img_size(args: argparse.Namespace) -> tuple[int, int] | None:
-    """``--img-size H [W]`` as (H, W); W defaults to H."""
+def img_size(args: argparse.Namespace, models: Iterable[str]) -> tuple[int, int] | None:
+    """``--img-size H [W]`` as (H, W) (W defaults to H), refused outside any of ``models``' sensible
+    sizes (:mod:`sepvit.models.input_sizes`)."""
     from sepvit.errors import ConfigError
+    from sepvit.models.input_sizes import check_input_size
 
     if args.img_size is None:
         return None
     if len(args.img_size) not in (1, 2):
         raise ConfigError("--img-size takes H or H W")
-    return args.img_size[0], args.img_size[-1]
+    size = args.img_size[0], args.img_size[-1]
+    for model in models:
+        check_input_size(model, size)
+    return size
 
 
 def add_options(parser: argparse.ArgumentParser, config_type: type[TrainConfig]) -> None:

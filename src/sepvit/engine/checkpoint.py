@@ -365,7 +365,12 @@ def find_run(resume: str | os.PathLike) -> Path:
         raise CheckpointError(f"--resume {resume}: {path} does not exist")
     run_dir = path if path.is_dir() else path.parent
     if not (run_dir / CHECKPOINTS / POINTER).is_file():
-        raise CheckpointError(f"--resume {resume}: {run_dir} holds no checkpoints/{POINTER} of a sepvit run")
+        started = (run_dir / "config.yaml").is_file()
+        hint = "; it stopped before its first checkpoint: run the same command again without --resume"
+        raise CheckpointError(
+            f"--resume {resume}: {run_dir} holds no checkpoints/{POINTER} of a sepvit run"
+            + (hint if started else "")
+        )
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"--resume {resume}: {run_dir} has no config.yaml")
     return run_dir
