@@ -61,7 +61,7 @@ class DetectConfig(DenseConfig):
     min_size: int = option(800, "shorter side of resized images", group="data", low=1)
     max_size: int = option(1333, "longest allowed longer side", group="data", low=1)
     multi_scale: bool = option(False, "train with shorter sides 0.6-1.0 × --min-size", group="data")
-    fpn_channels: int = option(256, "FPN width", group="model", low=1)
+    fpn_channels: int = option(256, "FPN width", group="model", low=2)
     rois_per_image: int = option(
         512, "Mask R-CNN: proposals sampled per training image", group="model", low=1
     )

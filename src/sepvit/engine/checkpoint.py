@@ -78,22 +78,34 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def _stored_description(metadata: Mapping[str, str], path: Path) -> Any:
+    """The JSON a sepvit weights file keeps under ``sepvit`` (checked by ``RunDescription``)."""
+    try:
+        return json.loads(metadata["sepvit"])
+    except KeyError:
+        raise CheckpointError(f"{path}: its metadata says {FORMAT} but holds no sepvit description") from None
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its sepvit description is not JSON ({reason(error)})") from error
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RunDescription | None]:
     """Weights and their description (None for a plain safetensors file or a ``.pth`` state dict)."""
     path = check_file(path, "checkpoint")
     if path.suffix in PICKLE_SUFFIXES:
-        state_dict, info = _load_pickled_state_dict(path), None
-    else:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            state_dict = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
-        info = json.loads(metadata["sepvit"]) if metadata.get("format") == FORMAT else None
-        state_dict = unwrap_state_dict(state_dict)
-    description = None if info is None else RunDescription.from_metadata(info, str(path))
-    return state_dict, description
+        return _load_pickled_state_dict(path), None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
+    description = None
+    if metadata.get("format") == FORMAT:  # checked before the tensors are read
+        description = RunDescription.from_metadata(_stored_description(metadata, path), str(path))
+    try:
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
+    return unwrap_state_dict(state_dict), description
 
 
 def read_checkpoint(

@@ -15,9 +15,9 @@ from sepvit.errors import ConfigError
 LARGEST = 2048
 # (smallest side, largest side) in pixels, by model-name prefix; other timm models get ANY_MODEL.
 FAMILY_SIZES = {
-    "sepvit_": (28, LARGEST),  # the digits demo's 28 px leaves a 1×1 last stage
-    "sv_mobilevitv2_": (32, LARGEST),  # overall stride 32
-    "sv_efficientvit_": (16, LARGEST),  # 16-pixel patch embedding
+    "sepvit_": (16, LARGEST),  # stride 32: below 16 px every stage is one zero-padded pixel
+    "sv_mobilevitv2_": (16, LARGEST),  # stride 32, likewise
+    "sv_efficientvit_": (16, LARGEST),  # its 16-pixel patch embedding leaves nothing below 16 px
 }
 ANY_MODEL = (8, LARGEST)
 
