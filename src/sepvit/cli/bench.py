@@ -7,7 +7,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from sepvit.cli.options import add_img_size, img_size, non_negative, positive, positive_float
+from sepvit.cli.options import (
+    add_img_size,
+    img_size,
+    non_negative,
+    output_folder,
+    positive,
+    positive_float,
+)
 
 
 def register(subparsers) -> None:
@@ -59,7 +66,7 @@ def register(subparsers) -> None:
         "--output",
         "--out-dir",
         dest="out_dir",
-        type=Path,
+        type=output_folder,
         default=Path("runs/bench"),
         help="folder for the results",
     )

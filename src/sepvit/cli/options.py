@@ -13,6 +13,7 @@ import dataclasses
 import json
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from sepvit.engine.config import TrainConfig, coerce, field_names, flag_name, resolve_config, type_name
@@ -48,6 +49,25 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
     return value
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into: refused at once when a file of that name exists, not after the work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write: refused at once when a folder of that name exists, not after the work."""
+    path = Path(text)
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file name")
+    return path
+
+
+output_folder.__name__, output_file.__name__ = "folder", "file"
 
 
 def print_json(document: Any) -> None:

@@ -61,16 +61,24 @@ def weights_writer(state_dict: Mapping[str, torch.Tensor], description: RunDescr
     return lambda path: save_file(tensors, path, metadata=metadata)
 
 
-def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors_only(path: Path, advice: str = "") -> Any:
+    """``torch.load`` of tensors and plain containers, never other Python objects (a pickle can run
+    code), with torch's errors in our words: its advice to retry with ``weights_only=False`` is not
+    one to pass on. ``advice`` follows the message for a file holding other objects."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path} holds Python objects besides tensors, which are not loaded (unsafe); save its "
-            "state_dict() with torch.save or as safetensors"
+            f"{path} is corrupt or holds Python objects besides tensors, which are not loaded "
+            f"(unsafe){advice}"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({reason(error)})") from error
+        first_sentence = reason(error).split(". ")[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({first_sentence})") from error
+
+
+def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    loaded = load_tensors_only(path, "; save its state_dict() with torch.save or as safetensors")
     if isinstance(loaded, dict):
         loaded = unwrap_state_dict(loaded)
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -349,9 +357,9 @@ class RunCheckpoints:
         weights, description = read_checkpoint(weights_path(folder, LAST))
         state_file = check_file(folder / STATE_FILE, "training state")
         try:
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as error:  # a corrupt file raises any of several types
-            raise CheckpointError(f"cannot load training state {state_file}: {reason(error)}") from error
+            state = load_tensors_only(state_file)
+        except CheckpointError as error:
+            raise CheckpointError(f"cannot load training state {state_file}: {error}") from error
         progress = description.progress
         if not isinstance(state, dict) or (state.get("epoch"), state.get("step_in_epoch")) != (
             progress.get("epoch"),
