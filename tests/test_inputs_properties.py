@@ -65,8 +65,8 @@ POSITIONALS = {
     "segment eval": ["missing.safetensors"],
     "segment predict": ["missing.safetensors", "missing.png"],
 }
-# Commands whose options belong to another module's own checks (the ablation study).
-NOT_GENERATED = ("ablate", "classify")
+# ``classify train|eval|predict`` are the same parsers as ``train|eval|predict``.
+NOT_GENERATED = ("classify",)
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -190,6 +190,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr("sepvit.runs.run_training", accepted)
     monkeypatch.setattr("sepvit.cli.models.print_table", accepted)
     monkeypatch.setattr("sepvit.bench.measure.run_benchmark", accepted)
+    monkeypatch.setattr("sepvit.cli.ablate.ablate_command", accepted)
     return tmp_path
 
 
