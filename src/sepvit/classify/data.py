@@ -243,7 +243,7 @@ class ClassifySample:
     """A shard's sample (image bytes under any image extension, label as ``.cls`` text) transformed;
     labels are checked against ``num_classes`` when it is known."""
 
-    def __init__(self, transform: Callable, num_classes: int | None) -> None:
+    def __init__(self, transform: Callable, num_classes: int | None = None) -> None:
         self.transform = transform
         self.num_classes = num_classes
 
