@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from sepvit.classify.data import DIGITS_DATA
 from sepvit.engine.config import AUTO, TrainConfig, option
@@ -18,6 +18,8 @@ from sepvit.engine.config import AUTO, TrainConfig, option
 
 @dataclasses.dataclass
 class ClassifyConfig(TrainConfig):
+    INPUT_SIDES: ClassVar[tuple[str, ...]] = ("img_size",)
+
     data: str = option(
         "digits",
         "'digits' (scikit-learn's bundled 8×8 digits, 80/20 stratified split with random_state=0; "

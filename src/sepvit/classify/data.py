@@ -106,12 +106,13 @@ def load_digits_split(split: str, img_size: int, data: str = DIGITS) -> ImageSet
 
 
 def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> ImageSet:
-    """Images of ``split_dir/<class>/*``; unreadable files are skipped and listed."""
+    """Images of ``split_dir/<class>/*``; unreadable files (broken links too) are skipped and listed.
+    Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``) are neither classes nor images."""
     if not split_dir.is_dir():
         what = "is not a folder" if split_dir.exists() else "does not exist"
         raise DataError(f"image folder {split_dir} {what}")
     try:
-        found = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        found = sorted(entry.name for entry in _visible(split_dir) if entry.is_dir())
     except OSError as error:
         raise DataError(f"cannot read image folder {split_dir}: {error.strerror or error}") from error
     if not found:
@@ -126,13 +127,11 @@ def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> 
     for label, name in enumerate(found):
         class_dir = split_dir / name
         try:
-            files = sorted(
-                Path(entry.path)
-                for entry in os.scandir(class_dir)
-                if entry.is_file() and is_image_file(entry.name)
-            )
+            entries = [entry for entry in _visible(class_dir) if is_image_file(entry.name)]
         except OSError as error:
             raise DataError(f"cannot read class folder {class_dir}: {error.strerror or error}") from error
+        files = sorted(Path(entry.path) for entry in entries if entry.is_file())
+        image_set.skipped += [(entry.path, "broken link") for entry in entries if _broken_link(entry)]
         readable = 0
         for path in files:
             reason = check_image(path)
@@ -146,6 +145,14 @@ def scan_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> 
             what = "no readable images" if files else f"no image files ({', '.join(IMAGE_SUFFIXES)})"
             raise DataError(f"class folder {class_dir} has {what}")
     return image_set
+
+
+def _visible(folder: Path) -> list[os.DirEntry]:
+    return [entry for entry in os.scandir(folder) if not entry.name.startswith(".")]
+
+
+def _broken_link(entry: os.DirEntry) -> bool:
+    return entry.is_symlink() and not os.path.exists(entry.path)
 
 
 def find_val_dir(root: Path) -> Path:
@@ -166,10 +173,21 @@ def load_image_sets(data: str, img_size: int) -> tuple[ImageSet, ImageSet]:
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DataError(f"data folder {root} {what} (use --data digits or a folder with train/ and val/)")
+    return scan_image_folders(root)
+
+
+def scan_image_folders(root: Path) -> tuple[ImageSet, ImageSet]:
+    """The train and val images of an image folder, each split read by :func:`scan_image_folder`;
+    a single class is refused (every prediction would be right, so accuracy would say nothing)."""
     if not (root / "train").is_dir():
         raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/*.jpg)")
     train = scan_image_folder(root / "train")
-    return train, scan_image_folder(find_val_dir(root), train.classes)
+    val = scan_image_folder(find_val_dir(root), train.classes)
+    if len(train.classes) < 2:
+        raise DataError(
+            f"{root / 'train'} has one class folder ({train.classes[0]}); a classifier needs at least two"
+        )
+    return train, val
 
 
 def load_classification_data(
@@ -201,25 +219,39 @@ def load_classification_data(
 def shard_classes(shards: ShardSet) -> tuple[str, ...]:
     """Class names ``0..max`` from the ``.cls`` entries, for shards whose info file names none."""
     labels = {
-        int(sample["cls"])
+        shard_label(sample, f"{sample['__url__']}/{sample['__key__']}")
         for url in shards.urls
         for sample in read_samples(url, select=lambda name: name.endswith(".cls"))
     }
     return tuple(str(label) for label in range(max(labels, default=-1) + 1))
 
 
-class ClassifySample:
-    """A shard's sample (image bytes under any image extension, label as ``.cls`` text) transformed."""
+def shard_label(sample: dict[str, Any], name: str, num_classes: int | None = None) -> int:
+    """A shard sample's ``.cls`` label: a whole number from 0 (below ``num_classes``, when known)."""
+    if "cls" not in sample:
+        raise DataError(f"sample {name} has no .cls label")
+    text = bytes(sample["cls"]).decode("utf-8", "replace").strip()
+    if not text.isdigit() or not text.isascii():
+        raise DataError(f"sample {name} has the label {text[:20]!r}; a .cls label is a class index from 0")
+    label = int(text)
+    if num_classes is not None and label >= num_classes:
+        raise DataError(f"sample {name} has the label {label}, but the shards have {num_classes} classes")
+    return label
 
-    def __init__(self, transform: Callable) -> None:
+
+class ClassifySample:
+    """A shard's sample (image bytes under any image extension, label as ``.cls`` text) transformed;
+    labels are checked against ``num_classes`` when it is known."""
+
+    def __init__(self, transform: Callable, num_classes: int | None = None) -> None:
         self.transform = transform
+        self.num_classes = num_classes
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
         extension, data = sample_bytes(sample, SHARD_IMAGE_EXTENSIONS)
         name = f"{sample['__url__']}/{sample['__key__']}.{extension}"
-        if "cls" not in sample:
-            raise DataError(f"sample {name} has no .cls label")
-        return self.transform(open_image(io.BytesIO(data), name)), int(sample["cls"])
+        label = shard_label(sample, name, self.num_classes)
+        return self.transform(open_image(io.BytesIO(data), name)), label
 
 
 def image_folder_samples(image_set: ImageSet) -> Iterator[dict[str, Any]]:
@@ -243,11 +275,11 @@ def pack_image_folder(root: Path, out: Path, shard_size: int) -> tuple[dict[str,
     check_new_shard_folder(out)  # before reading every image
     if not root.is_dir():
         raise DataError(f"image folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
-    train = scan_image_folder(root / "train")
+    train, val = scan_image_folders(root)
     # Shuffled once, so that each shard holds every class: streams shuffle only within a buffer.
     order = np.random.default_rng(PACK_SEED).permutation(len(train.items))
     shuffled = ImageSet(train.classes, [train.items[i] for i in order], [train.labels[i] for i in order])
-    sets = {"train": shuffled, "val": scan_image_folder(find_val_dir(root), train.classes)}
+    sets = {"train": shuffled, "val": val}
     info = write_shards(
         {split: image_folder_samples(images) for split, images in sets.items()},
         out,
@@ -316,7 +348,7 @@ class HFImages(Sequence):
 def evaluation_images(val_set: ImageSet | ShardSet, transform: Callable) -> Dataset:
     """Transformed (image, label) pairs of a validation set: a stream for shards."""
     if isinstance(val_set, ShardSet):
-        return ShardStream(val_set, ClassifySample(transform), train=False)
+        return ShardStream(val_set, ClassifySample(transform, val_set.num_classes), train=False)
     return ClassificationImages(val_set, transform)
 
 

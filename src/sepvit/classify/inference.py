@@ -35,6 +35,7 @@ from sepvit.engine.reporting import log
 from sepvit.engine.shards import ShardSet
 from sepvit.errors import CheckpointError, ConfigError
 from sepvit.models import default_input_size
+from sepvit.models.input_sizes import check_input_size
 from sepvit.runs import load_run
 from sepvit.utils.onnx_runtime import OnnxClassifier
 from sepvit.utils.plots import pyplot, save_figure
@@ -65,7 +66,7 @@ def load_model(
         num_classes = len(description.class_names) if description else (len(classes) if classes else None)
     if num_classes is None:
         raise ConfigError(f"{path} does not say how many classes it has: pass --num-classes")
-    size = img_size or default_input_size(model_name)[-1]
+    size = check_input_size(model_name, (img_size,))[0] if img_size else default_input_size(model_name)[-1]
     model, kwargs = build_classifier(model_name, num_classes, size)
     ckpt.load_strict(model, state_dict, path)
     if description:

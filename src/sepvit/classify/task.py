@@ -85,7 +85,9 @@ class ClassificationTask(Task):
             self.data_config, config.aa, config.scale, config.ratio, config.hflip, config.reprob
         )
         if isinstance(train_set, ShardSet):
-            self.train_set = ShardStream(train_set, ClassifySample(augment), train=True, seed=config.seed)
+            self.train_set = ShardStream(
+                train_set, ClassifySample(augment, train_set.num_classes), train=True, seed=config.seed
+            )
         else:
             self.train_set = ClassificationImages(train_set, augment)
         evaluated = evaluation_images(val_set, eval_transform(self.data_config))

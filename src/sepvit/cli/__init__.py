@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 from sepvit.cli import ablate, bench, classify, dense, explain, export, models
 from sepvit.errors import SepViTError, TrainingError
@@ -20,8 +21,17 @@ from sepvit.errors import SepViTError, TrainingError
 COMMAND_GROUPS = (models, classify, bench, export, dense, ablate, explain)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad command line as one line ``sepvit COMMAND: error: ...`` with exit code 2, like
+    every other bad input (``--help`` still prints the usage); its subcommands' parsers are of this
+    class too."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sepvit",
         description="Efficient vision transformers: train, evaluate, predict, benchmark and export.",
     )

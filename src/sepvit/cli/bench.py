@@ -7,7 +7,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from sepvit.cli.options import add_img_size, img_size, non_negative, positive, positive_float
+from sepvit.cli.options import (
+    add_img_size,
+    img_size,
+    non_negative,
+    output_folder,
+    positive,
+    positive_float,
+)
 
 
 def register(subparsers) -> None:
@@ -59,7 +66,7 @@ def register(subparsers) -> None:
         "--output",
         "--out-dir",
         dest="out_dir",
-        type=Path,
+        type=output_folder,
         default=Path("runs/bench"),
         help="folder for the results",
     )
@@ -86,7 +93,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.training and any(backend.startswith("onnxruntime") for backend in args.backend):
         raise ConfigError("--training times PyTorch's backward: use the eager or compile backend")
     subjects = table1_subjects(tuple(args.backend)) if args.blocks else []
-    subjects += model_subjects(args.models, tuple(args.backend), img_size(args))
+    subjects += model_subjects(args.models, tuple(args.backend), img_size(args, args.models))
     settings = BenchSettings(
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, channels_last=args.channels_last,
         deploy=args.deploy, warmup=args.warmup, rounds=args.rounds,

@@ -21,6 +21,7 @@ from sepvit.cli.options import (
     config_from_args,
     formatter,
     non_negative,
+    output_file,
     positive,
     print_json,
 )
@@ -102,6 +103,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--confusion-matrix",
         metavar="PNG",
+        type=output_file,
         default=None,
         help="also write the confusion matrix to this PNG file",
     )

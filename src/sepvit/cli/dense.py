@@ -16,6 +16,7 @@ from sepvit.cli.options import (
     add_options,
     config_from_args,
     non_negative,
+    output_folder,
     positive,
     positive_float,
     print_json,
@@ -54,7 +55,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="a best/last.safetensors written by train")
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
-    parser.add_argument("--output", type=Path, required=True, help="folder for the PNGs (one per image)")
+    parser.add_argument(
+        "--output", type=output_folder, required=True, help="folder for the PNGs (one per image)"
+    )
     add_inference_options(parser)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sepvit.cli.options import add_device, add_json, print_json
+from sepvit.cli.options import add_device, add_json, output_folder, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", help="best.safetensors or last.safetensors of a run")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--output", type=Path, default=Path("explain"), help="folder for the PNG files")
+    parser.add_argument(
+        "--output", type=output_folder, default=Path("explain"), help="folder for the PNG files"
+    )
     add_device(parser, default="cpu")
     add_json(parser)
     parser.set_defaults(func=explain_command)

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sepvit.cli.options import add_img_size, add_json, img_size, positive, positive_float, print_json
+from sepvit.cli.options import (
+    add_img_size,
+    add_json,
+    img_size,
+    output_file,
+    positive,
+    positive_float,
+    print_json,
+)
 from sepvit.engine.description import RunDescription
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -30,7 +38,7 @@ def register(subparsers) -> None:
         "segmentation run (a RetinaNet exports its per-anchor outputs, a segmenter its logits)",
     )  # fmt: skip
     parser.add_argument(
-        "-o", "--output", type=Path,
+        "-o", "--output", type=output_file,
         help="ONNX file (default: MODEL.onnx, or beside the checkpoint: NAME.onnx / NAME-int8.onnx)",
     )  # fmt: skip
     add_img_size(parser, "input size of a model by name (default: the model's)")
@@ -168,7 +176,7 @@ def _model_to_export(args: argparse.Namespace):
         return model, description.model, (3, *description.input_size), description.at()
     if args.int8:
         raise ConfigError("--int8 needs a trained checkpoint (its accuracy is what the gate measures)")
-    size = img_size(args)
+    size = img_size(args, [args.model])
     channels, height, width = default_input_size(args.model)
     if size:
         height, width = size

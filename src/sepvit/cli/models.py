@@ -75,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--repeats", type=positive, default=5, help="timed forward passes per model (default: 5)"
     )
-    parser.set_defaults(
-        func=lambda args: print_table(args.pattern, img_size(args) or (224, 224), args.repeats)
-    )
+    parser.set_defaults(func=models_command)
+
+
+def models_command(args: argparse.Namespace) -> int:
+    size = img_size(args, list_models(args.pattern)) or (224, 224)
+    return print_table(args.pattern, size, args.repeats)

@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 import json
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from sepvit.engine.config import TrainConfig, coerce, field_names, flag_name, resolve_config, type_name
@@ -50,6 +51,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def output_folder(text: str) -> Path:
+    """A folder to write into: refused at once when a file of that name exists, not after the work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write: refused at once when a folder of that name exists, not after the work."""
+    path = Path(text)
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file name")
+    return path
+
+
+output_folder.__name__, output_file.__name__ = "folder", "file"
+
+
 def print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, default=str), flush=True)
 
@@ -72,15 +92,20 @@ def add_img_size(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--img-size", type=positive, nargs="+", metavar="N", help=f"H [W]: {help_text}")
 
 
-def img_size(args: argparse.Namespace) -> tuple[int, int] | None:
-    """``--img-size H [W]`` as (H, W); W defaults to H."""
+def img_size(args: argparse.Namespace, models: Iterable[str]) -> tuple[int, int] | None:
+    """``--img-size H [W]`` as (H, W) (W defaults to H), refused outside any of ``models``' sensible
+    sizes (:mod:`sepvit.models.input_sizes`)."""
     from sepvit.errors import ConfigError
+    from sepvit.models.input_sizes import check_input_size
 
     if args.img_size is None:
         return None
     if len(args.img_size) not in (1, 2):
         raise ConfigError("--img-size takes H or H W")
-    return args.img_size[0], args.img_size[-1]
+    size = args.img_size[0], args.img_size[-1]
+    for model in models:
+        check_input_size(model, size)
+    return size
 
 
 def add_options(parser: argparse.ArgumentParser, config_type: type[TrainConfig]) -> None:

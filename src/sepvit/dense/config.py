@@ -8,7 +8,7 @@ schedule; mmsegmentation's Semantic FPN 80k / UperNet 160k iterations expressed 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from sepvit.engine.config import TrainConfig, option
 
@@ -51,6 +51,8 @@ class DenseConfig(TrainConfig):
 
 @dataclasses.dataclass
 class DetectConfig(DenseConfig):
+    INPUT_SIDES: ClassVar[tuple[str, ...]] = ("min_size", "max_size")
+
     arch: Literal["retinanet", "maskrcnn"] = option(
         "retinanet", "detector", group="model", choices=("retinanet", "maskrcnn")
     )
@@ -59,7 +61,7 @@ class DetectConfig(DenseConfig):
     min_size: int = option(800, "shorter side of resized images", group="data", low=1)
     max_size: int = option(1333, "longest allowed longer side", group="data", low=1)
     multi_scale: bool = option(False, "train with shorter sides 0.6-1.0 × --min-size", group="data")
-    fpn_channels: int = option(256, "FPN width", group="model", low=1)
+    fpn_channels: int = option(256, "FPN width", group="model", low=2)
     rois_per_image: int = option(
         512, "Mask R-CNN: proposals sampled per training image", group="model", low=1
     )
@@ -67,6 +69,8 @@ class DetectConfig(DenseConfig):
 
 @dataclasses.dataclass
 class SegmentConfig(DenseConfig):
+    INPUT_SIDES: ClassVar[tuple[str, ...]] = ("crop_size",)
+
     head: Literal["fpn", "upernet"] = option("fpn", "decode head", group="model", choices=("fpn", "upernet"))
     train_split: str = option("training", "ADE20K split to train on", group="data")
     val_split: str = option("validation", "ADE20K split to evaluate on", group="data")

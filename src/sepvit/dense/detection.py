@@ -28,6 +28,13 @@ from sepvit.errors import ConfigError
 DETECTORS = ("retinanet", "maskrcnn")
 
 
+def _norm_groups(channels: int) -> int:
+    """GroupNorm groups of the RetinaNet head: up to 32, each of at least two channels, since P7 of
+    a small image is 1×1 and a group of one value cannot be normalised (batch 1 in prediction)."""
+    groups = math.gcd(32, channels)
+    return groups // 2 if groups == channels else groups
+
+
 def build_detector(
     arch: str,
     body: nn.Module,
@@ -58,7 +65,7 @@ def build_detector(
             fpn_channels,
             detector.anchor_generator.num_anchors_per_location()[0],
             num_classes + 1,
-            norm_layer=partial(nn.GroupNorm, math.gcd(32, fpn_channels)),
+            norm_layer=partial(nn.GroupNorm, _norm_groups(fpn_channels)),
         )
         detector.head.regression_head._loss_type = "giou"
         return detector

@@ -61,16 +61,24 @@ def weights_writer(state_dict: Mapping[str, torch.Tensor], description: RunDescr
     return lambda path: save_file(tensors, path, metadata=metadata)
 
 
-def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors_only(path: Path, advice: str = "") -> Any:
+    """``torch.load`` of tensors and plain containers, never other Python objects (a pickle can run
+    code), with torch's errors in our words: its advice to retry with ``weights_only=False`` is not
+    one to pass on. ``advice`` follows the message for a file holding other objects."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path} holds Python objects besides tensors, which are not loaded (unsafe); save its "
-            "state_dict() with torch.save or as safetensors"
+            f"{path} is corrupt or holds Python objects besides tensors, which are not loaded "
+            f"(unsafe){advice}"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({reason(error)})") from error
+        first_sentence = reason(error).split(". ")[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({first_sentence})") from error
+
+
+def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    loaded = load_tensors_only(path, "; save its state_dict() with torch.save or as safetensors")
     if isinstance(loaded, dict):
         loaded = unwrap_state_dict(loaded)
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -78,22 +86,34 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def _stored_description(metadata: Mapping[str, str], path: Path) -> Any:
+    """The JSON a sepvit weights file keeps under ``sepvit`` (checked by ``RunDescription``)."""
+    try:
+        return json.loads(metadata["sepvit"])
+    except KeyError:
+        raise CheckpointError(f"{path}: its metadata says {FORMAT} but holds no sepvit description") from None
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its sepvit description is not JSON ({reason(error)})") from error
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RunDescription | None]:
     """Weights and their description (None for a plain safetensors file or a ``.pth`` state dict)."""
     path = check_file(path, "checkpoint")
     if path.suffix in PICKLE_SUFFIXES:
-        state_dict, info = _load_pickled_state_dict(path), None
-    else:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            state_dict = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
-        info = json.loads(metadata["sepvit"]) if metadata.get("format") == FORMAT else None
-        state_dict = unwrap_state_dict(state_dict)
-    description = None if info is None else RunDescription.from_metadata(info, str(path))
-    return state_dict, description
+        return _load_pickled_state_dict(path), None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
+    description = None
+    if metadata.get("format") == FORMAT:  # checked before the tensors are read
+        description = RunDescription.from_metadata(_stored_description(metadata, path), str(path))
+    try:
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason(error)})") from error
+    return unwrap_state_dict(state_dict), description
 
 
 def read_checkpoint(
@@ -337,9 +357,9 @@ class RunCheckpoints:
         weights, description = read_checkpoint(weights_path(folder, LAST))
         state_file = check_file(folder / STATE_FILE, "training state")
         try:
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as error:  # a corrupt file raises any of several types
-            raise CheckpointError(f"cannot load training state {state_file}: {reason(error)}") from error
+            state = load_tensors_only(state_file)
+        except CheckpointError as error:
+            raise CheckpointError(f"cannot load training state {state_file}: {error}") from error
         progress = description.progress
         if not isinstance(state, dict) or (state.get("epoch"), state.get("step_in_epoch")) != (
             progress.get("epoch"),
@@ -365,7 +385,12 @@ def find_run(resume: str | os.PathLike) -> Path:
         raise CheckpointError(f"--resume {resume}: {path} does not exist")
     run_dir = path if path.is_dir() else path.parent
     if not (run_dir / CHECKPOINTS / POINTER).is_file():
-        raise CheckpointError(f"--resume {resume}: {run_dir} holds no checkpoints/{POINTER} of a sepvit run")
+        started = (run_dir / "config.yaml").is_file()
+        hint = "; it stopped before its first checkpoint: run the same command again without --resume"
+        raise CheckpointError(
+            f"--resume {resume}: {run_dir} holds no checkpoints/{POINTER} of a sepvit run"
+            + (hint if started else "")
+        )
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"--resume {resume}: {run_dir} has no config.yaml")
     return run_dir

@@ -17,9 +17,11 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from sepvit.engine.run_folder import check_experiment_name
 from sepvit.errors import ConfigError
+from sepvit.models.input_sizes import check_input_size
 from sepvit.utils.extras import require
 
 AUTO = "auto"
@@ -161,6 +163,9 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> None:
 class TrainConfig:
     """Options every task's training shares: the run, the data loader, the optimisation."""
 
+    # Fields that are an input side in pixels, checked against the model's sensible sizes.
+    INPUT_SIDES: ClassVar[tuple[str, ...]] = ()
+
     # -- run
     output: str = option("runs", "folder under which each run gets its own folder", metavar="DIR")
     experiment: str | None = option(None, "name of the run folder (default: <task>-<model>-<data>-<time>)")
@@ -259,6 +264,12 @@ class TrainConfig:
                 raise ConfigError(f"{flag_name(spec.name)}: {error}") from None
             _check_range(spec.name, value, spec.metadata)
             object.__setattr__(self, spec.name, value)
+        if self.experiment is not None:
+            check_experiment_name(self.experiment)
+        for name in self.INPUT_SIDES:
+            side = getattr(self, name)
+            if isinstance(side, int):
+                check_input_size(self.model, (side,), flag_name(name))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML types (lists for tuples), as written to ``config.yaml``."""

@@ -13,8 +13,10 @@ import dataclasses
 from typing import Any
 
 from sepvit.errors import CheckpointError
+from sepvit.models.input_sizes import check_input_size
 
 VERSION = 2
+TASKS = ("classify", "detect", "segment")
 # Keys of the per-task descriptions written before VERSION 2, other than those every task had.
 _LEGACY_EXTRAS = {
     "classify": (),
@@ -23,6 +25,13 @@ _LEGACY_EXTRAS = {
     "segment": ("head", "num_classes", "crop_size", "head_channels"),
 }  # fmt: skip
 _LEGACY_MODEL = ("task", "model", "model_kwargs", "classes", "class_names", "img_size", "data", "data_config")
+
+
+def _sides(model: str, sizes: Any, what: str) -> tuple[int, int]:
+    """(H, W) from stored ``sizes``, refused unless two whole numbers within ``model``'s sensible sizes."""
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 2:
+        raise ValueError(f"{what} must be (height, width), got {sizes!r}")
+    return tuple(check_input_size(model, sizes, what))  # type: ignore[return-value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +49,27 @@ class RunDescription:
     progress: dict[str, Any] = dataclasses.field(default_factory=dict)  # epoch, step, weights, metrics
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_size", tuple(int(size) for size in self.input_size))
+        """Checks every field's type and the sizes it would build, before anything is allocated: a
+        description is read from files anyone may have written."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if not isinstance(self.model, str):
+            raise TypeError(f"model must be a name, got {self.model!r}")
+        for name in ("model_kwargs", "extras", "progress"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
+        if self.data_config is not None and not isinstance(self.data_config, dict):
+            raise TypeError(f"data_config must be a mapping, got {type(self.data_config).__name__}")
+        if not isinstance(self.class_names, (list, tuple)) or not self.class_names:
+            raise TypeError("class_names must be a non-empty list")
+        object.__setattr__(self, "input_size", _sides(self.model, self.input_size, "input_size"))
         object.__setattr__(self, "class_names", [str(name) for name in self.class_names])
+        for sizes, what in (
+            (self.model_kwargs.get("img_size"), "model_kwargs img_size"),
+            ((self.data_config or {}).get("input_size", (3, *self.input_size))[1:], "data_config input_size"),
+        ):
+            if sizes is not None:
+                _sides(self.model, (sizes, sizes) if isinstance(sizes, int) else sizes, what)
 
     def at(self, **progress: Any) -> RunDescription:
         """The same run at another point of training."""
@@ -53,13 +81,15 @@ class RunDescription:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str = "the checkpoint") -> RunDescription:
         """A stored description, of this version or of an earlier one."""
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{source}: its sepvit description is not a JSON object")
         try:
             if metadata.get("version") == VERSION:
                 fields = {spec.name for spec in dataclasses.fields(cls)}
                 return cls(**{key: value for key, value in metadata.items() if key in fields})
             return cls._from_legacy(metadata)
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{source}: its sepvit description is incomplete ({error!r})") from error
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise CheckpointError(f"{source}: its sepvit description is unusable ({error})") from error
 
     @classmethod
     def _from_legacy(cls, info: dict[str, Any]) -> RunDescription:

@@ -38,6 +38,7 @@ from sepvit.engine.description import RunDescription
 from sepvit.engine.distributed import DistContext, all_reduce, any_process, from_main, gather
 from sepvit.engine.optim import amp_dtype, autocast, build_optimizer, build_scheduler
 from sepvit.engine.reporting import Progress, TensorBoard, epoch_summary, log, try_plot_curves, write_csv
+from sepvit.engine.run_folder import new_run_folder
 from sepvit.engine.shards import ShardStream
 from sepvit.errors import CheckpointError, ConfigError, DataError, SepViTError, TrainingError
 from sepvit.utils.extras import require
@@ -320,13 +321,7 @@ class Trainer:
         name = config.experiment or (
             f"{self.task.kind.name}-{config.model}-{self.task.data_name}-{datetime.now():%Y%m%d-%H%M%S}"
         )
-        run_dir = Path(config.output) / name
-        if (run_dir / ckpt.CHECKPOINTS).exists() or ckpt.weights_path(run_dir, ckpt.LAST).exists():
-            raise ConfigError(
-                f"run folder {run_dir} already holds a run: continue it with --resume {run_dir} "
-                "or choose another --experiment"
-            )
-        return run_dir
+        return new_run_folder(config.output, name, clear=self.context.is_main)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _info(self, weights: str, metrics: dict[str, float] | None) -> RunDescription:

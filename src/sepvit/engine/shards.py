@@ -71,6 +71,10 @@ class ShardSet:
     def __len__(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes else None
+
     def first(self, count: int) -> ShardSet:
         """The first ``count`` samples in shard order."""
         lengths, left = [], count
@@ -90,9 +94,40 @@ def read_info(folder: str) -> dict[str, Any] | None:
             info = json.load(handle)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read {path}: {' '.join(str(error).split())}") from error
-    if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
-        raise DataError(f"{path} is not a shard info file (expected a 'splits' mapping)")
+    problem = _info_problem(info)
+    if problem:
+        raise DataError(f"{path} is not a usable shard info file: {problem}")
     return info
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _info_problem(info: Any) -> str | None:
+    """What is wrong with a loaded ``_info.json`` (None when nothing is): it names shard files beside
+    it, their sample counts and the class names, each of the type the readers expect."""
+    if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
+        return "expected a 'splits' mapping"
+    classes = info.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "'classes' must be a list of names"
+    for split, entry in info.get("splits", {}).items():
+        if not isinstance(entry, dict):
+            return f"split {split!r} must be a mapping"
+        names, lengths = entry.get("filenames", []), entry.get("shard_lengths", [])
+        if not isinstance(names, list) or not all(
+            isinstance(name, str) and name and os.path.basename(name) == name and name not in (".", "..")
+            for name in names
+        ):
+            return f"split {split!r}: 'filenames' must list file names in its folder"
+        if (
+            not isinstance(lengths, list)
+            or not all(map(_whole, lengths))
+            or len(lengths) not in (0, len(names))
+        ):
+            return f"split {split!r}: 'shard_lengths' must give a sample count (0 or more) per file"
+    return None
 
 
 def open_shards(spec: str, split: str) -> ShardSet:

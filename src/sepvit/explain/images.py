@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sepvit.data_io import open_image
+from sepvit.errors import ConfigError
 from sepvit.explain.gradcam import grad_cam, overlay
 from sepvit.explain.receptive_field import RANGE_WINDOWS, window_range
 from sepvit.explain.window_attention import attention_heat, psa_window_attention, strongest_window
@@ -76,6 +77,11 @@ def explain_images(
     from sepvit.engine.distributed import single_process
     from sepvit.runs import build_model
 
+    if Path(checkpoint).suffix.lower() == ".onnx":
+        raise ConfigError(
+            f"{checkpoint} is an ONNX export; explain needs the run's checkpoint (.safetensors), whose "
+            "gradients and attention it reads"
+        )
     model, description = load_model(checkpoint)
     transform = eval_transform(description.data_config)
     inputs = torch.stack([transform(open_image(path)) for path in images])  # every image readable first

@@ -34,6 +34,7 @@ from torch import nn
 from sepvit.errors import ExportError
 from sepvit.layers import prepare_for
 from sepvit.utils.extras import require
+from sepvit.utils.files import new_file_mode
 from sepvit.utils.onnx_runtime import METADATA_KEY, onnxruntime_session
 
 # Operators every ONNX runtime implements: dense algebra, elementwise math, normalisation, shape
@@ -307,6 +308,7 @@ def export_onnx(
             Path(tmp_name), graph_input.name, shape, fp16, opset, tuple(example.shape[2:])
         )  # fmt: skip
         comparisons = compare_outputs(reference, exported, check_shapes, tolerance) if check_shapes else []
+        os.chmod(tmp_name, new_file_mode())  # mkstemp made it private; exports follow the umask
         os.replace(tmp_name, path)
     except onnx.checker.ValidationError as error:
         raise ExportError(f"{name}: onnx.checker rejected the graph: {_first_line(error)}") from error

@@ -31,6 +31,7 @@ import numpy as np
 
 from sepvit.errors import ExportError
 from sepvit.utils.extras import require
+from sepvit.utils.files import new_file_mode
 from sepvit.utils.onnx_runtime import METADATA_KEY
 
 SENSITIVE_OPERATORS = frozenset({"Softmax", "LayerNormalization"})  # besides residual adds and the head
@@ -234,6 +235,7 @@ def quantize_int8(
             drops.append(float_top1 - int8_top1)
             if float_top1 - int8_top1 <= max_drop:
                 int8, products = kernel_census(temporary)
+                os.chmod(temporary, new_file_mode())  # mkstemp made it private; exports follow the umask
                 os.replace(temporary, output)
                 return QuantizationReport(
                     output, float_top1, int8_top1, tuple(exclude), float_top1 - drops[0], int8, products,

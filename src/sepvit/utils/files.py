@@ -21,7 +21,7 @@ class WriteError(TrainingError):
     """A file could not be written; the file that was there before is kept."""
 
 
-def _file_mode() -> int:
+def new_file_mode() -> int:
     """The mode ``open()`` would give a new file: 0o666 less the process's umask."""
     mask = os.umask(0)
     os.umask(mask)
@@ -41,7 +41,7 @@ def _write_temp(target: Path, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(temp)
-        os.chmod(temp, _file_mode())
+        os.chmod(temp, new_file_mode())
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
