@@ -5,6 +5,7 @@ the mean of the paired differences (seed s of one variant minus seed s of the ot
 t-interval, judged against the protocol's smallest effect of interest δ (3 top-1 points; 0.05 of
 gradient share for the receptive field), in this order:
 
+0. ``not run``: a variant of the pair has no run on the main task yet.
 1. ``baseline failed``: a variant of the pair missed the control gate (a seed of the single-digit
    control under ``Protocol.control_gate``), so its task result says nothing about its attention.
 2. ``not comparable``: fewer than two paired seeds.
@@ -134,11 +135,13 @@ def gate_failures(records: list[dict[str, Any]], protocol: Protocol) -> dict[str
 
 def verdict(claim: Claim, records: list[dict[str, Any]], protocol: Protocol) -> tuple[str, Interval | None]:
     """The rule of the module docstring for one claim: (verdict, interval of the paired differences)."""
+    better = by_seed(records, MAIN_TASK, claim.better, claim.measure)
+    worse = by_seed(records, MAIN_TASK, claim.worse, claim.measure)
+    if not better or not worse:
+        return "not run", None
     failed = gate_failures(records, protocol)
     if claim.better in failed or claim.worse in failed:
         return "baseline failed", None
-    better = by_seed(records, MAIN_TASK, claim.better, claim.measure)
-    worse = by_seed(records, MAIN_TASK, claim.worse, claim.measure)
     paired = sorted(set(better) & set(worse))
     if len(paired) < 2:
         return "not comparable", None
@@ -156,7 +159,7 @@ def verdict(claim: Claim, records: list[dict[str, Any]], protocol: Protocol) -> 
 def speed_verdict(speeds: dict[str, Any]) -> str:
     better, worse = speeds.get(SPEED_CLAIM.better), speeds.get(SPEED_CLAIM.worse)
     if not better or not worse:
-        return "not comparable"
+        return "not run"
     (_, better_low, better_high), (_, worse_low, worse_high) = better["train"], worse["train"]
     if better_low > worse_high:
         return "reproduces"
