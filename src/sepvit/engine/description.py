@@ -88,7 +88,9 @@ class RunDescription:
                 fields = {spec.name for spec in dataclasses.fields(cls)}
                 return cls(**{key: value for key, value in metadata.items() if key in fields})
             return cls._from_legacy(metadata)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        except KeyError as error:
+            raise CheckpointError(f"{source}: its sepvit description lacks the field {error}") from error
+        except (TypeError, ValueError, AttributeError, IndexError) as error:
             raise CheckpointError(f"{source}: its sepvit description is unusable ({error})") from error
 
     @classmethod
