@@ -13,6 +13,7 @@ from torch import nn
 
 from sepvit.ablation.tasks import (
     CUE_LEFT,
+    CUE_RIGHT,
     NUM_CLASSES,
     TaskSpec,
     digit_pools,
@@ -43,7 +44,7 @@ def test_cue_label_is_the_cued_digit_and_each_thing_stays_in_its_region() -> Non
     digit = (spec.digit_size // 2, spec.digit_size // 2)
     bars = {
         CUE_LEFT: (spec.cue_width // 2, spec.cue_length // 2),
-        1: (spec.cue_length // 2, spec.cue_width // 2),
+        CUE_RIGHT: (spec.cue_length // 2, spec.cue_width // 2),
     }
     for centres, cue in zip(data.centres, data.cues):
         for slot, (half_height, half_width) in ((0, digit), (1, bars[cue]), (2, digit)):

@@ -26,19 +26,14 @@ SHOWN = ("sepvit", "local", "swin-cpvt")
 PSA_STAGE = 2  # stage 3: windows of 32 px, two per region
 
 
-def trained_model(protocol: Protocol, variant: str, lr: float, runs_dir: Path) -> torch.nn.Module | None:
-    """Seed 0's last weights of ``variant`` on the main task, None if that run folder is not here."""
-    from sepvit.classify.models import build_classifier
+def trained_run(protocol: Protocol, variant: str, lr: float, runs_dir: Path) -> tuple | None:
+    """Seed 0's last weights of ``variant`` on the main task and the run's description, None if that
+    run folder is not here."""
+    from sepvit.runs import load_run
 
     run_dir = run_folder(protocol, "main", (MAIN_TASK, variant, 0, lr), runs_dir)
     path = ckpt.weights_path(run_dir, ckpt.LAST)
-    if not path.exists():
-        return None
-    architecture = protocol.architecture(VARIANTS[variant])
-    model, _ = build_classifier(VARIANTS[variant].factory, 10, None, None, False, architecture)
-    weights, _ = ckpt.read_weights(path)
-    ckpt.load_strict(model, weights, str(path))
-    return model.eval()
+    return load_run(path, "classify") if path.exists() else None
 
 
 def canvas_tensor(image: np.ndarray, data_config: dict) -> torch.Tensor:
@@ -54,21 +49,19 @@ def write_pictures(
 ) -> list[Path]:
     """``explain_<n>.png`` for the first ``count`` test canvases whose two digits differ; none when the
     runs' weights are not in ``runs_dir`` (a report from a copied results file)."""
-    from timm.data import resolve_data_config
-
     from sepvit.explain.gradcam import grad_cam
     from sepvit.explain.window_attention import attention_heat, psa_window_attention
     from sepvit.layers import SeparableWindowAttention
 
-    models = {}
+    runs = {}
     for name in SHOWN:
         with contextlib.suppress(ConfigError):  # no complete pilot for its family: not trained either
             lr = chosen_lrs(records, protocol, (VARIANTS[name].family,))[VARIANTS[name].family]
-            models[name] = trained_model(protocol, name, lr, runs_dir)
-    models = {name: model for name, model in models.items() if model is not None}
+            runs[name] = trained_run(protocol, name, lr, runs_dir)
+    models = {name: run[0] for name, run in runs.items() if run is not None}
     if "sepvit" not in models:
         return []
-    data_config = resolve_data_config({}, model=models["sepvit"])
+    data_config = runs["sepvit"][1].data_config
     test = generate_split(protocol.task_spec(MAIN_TASK), "test", protocol.sizes["test"])
     chosen = [n for n in range(len(test.labels)) if test.digits[n, 0] != test.digits[n, 1]][:count]
     stage = models["sepvit"].stages[PSA_STAGE]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import platform
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -174,16 +173,15 @@ def train_one(
     from sepvit.classify.task import ClassificationTask, classification_loader, evaluate
     from sepvit.engine.distributed import single_process
     from sepvit.engine.loop import seed_everything
-    from sepvit.runs import run_training
+    from sepvit.runs import load_run, run_training
     from sepvit.utils import count_macs, count_params
 
     task, variant_name, seed, lr = run
     variant = VARIANTS[variant_name]
     data = task_data(protocol, task, runs_dir)
     run_dir = run_folder(protocol, phase, run, runs_dir)
+    # A run killed before its first checkpoint starts over: the engine clears what it left.
     resume = ckpt.RunCheckpoints(run_dir).latest() is not None
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing in it to keep
     config = ClassifyConfig(
         **protocol.recipe(lr, protocol.pilot_epochs if phase == "pilot" else protocol.epochs),
         model=variant.factory,
@@ -200,13 +198,11 @@ def train_one(
         return code, None
 
     context = single_process(device)
-    model = classify.model
-    last = ckpt.weights_path(run_dir, ckpt.LAST)
-    weights, _ = ckpt.read_weights(last)
-    ckpt.load_strict(model, weights, str(last))
-    model.to(context.device).eval()
-    transform = eval_transform(classify.data_config)
-    test_images = ClassificationImages(scan_image_folder(data / "test", classify.classes), transform)
+    model, description = load_run(ckpt.weights_path(run_dir, ckpt.LAST), "classify")
+    model.to(context.device)
+    transform = eval_transform(description.data_config)
+    classes = description.class_names
+    test_images = ClassificationImages(scan_image_folder(data / "test", classes), transform)
     test = evaluate(model, classification_loader(test_images, protocol.batch_size, 0, context), context)
     record = {
         "protocol": protocol.name,
@@ -230,9 +226,7 @@ def train_one(
     if not variant.reference:  # the receptive fields compare models with the same convolutions
         images = torch.stack([test_images[i][0] for i in range(protocol.erf_images)]).to(context.device)
         seed_everything(seed)  # the engine seeds so before building: the run's own initial weights
-        init_model, _ = build_classifier(
-            variant.factory, len(classify.classes), None, None, False, architecture
-        )
+        init_model, _ = build_classifier(variant.factory, len(classes), None, None, False, architecture)
         cell = 4 * protocol.window_size  # a first-stage window, in pixels
         record.update(receptive_fields(model, init_model.to(context.device), images, cell))
     return 0, record

@@ -38,7 +38,6 @@ DIGIT_PIXELS = 8
 NUM_CLASSES = 10
 NOISE_STD = 0.05
 CUE_LEFT, CUE_RIGHT = 0, 1  # horizontal bar: read the left digit; vertical bar: the right one
-REGIONS = ("left digit", "cue", "right digit")
 
 
 @dataclass(frozen=True)

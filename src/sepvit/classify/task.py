@@ -79,7 +79,7 @@ class ClassificationTask(Task):
                 log(f"fine-tuning {report.summary()}")
         elif from_timm and context.is_main:
             log(f"fine-tuning from timm's pretrained {config.model}")
-        size = self.architecture.get("img_size", config.img_size)  # the architecture's may be (H, W)
+        size = self.model_kwargs.get("img_size", config.img_size)  # as built: may be (H, W)
         self.data_config = data_config_for(self.model, size, config.crop_pct)
         augment = train_transform(
             self.data_config, config.aa, config.scale, config.ratio, config.hflip, config.reprob
