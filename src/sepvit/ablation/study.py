@@ -249,7 +249,7 @@ PROTOCOLS: dict[str, Protocol] = {
         speed_rounds=1,
         speed_seconds=0.05,
     ),
-    # The 2-core CPU with --jobs 2: an estimated 3-4 hours (docs/ablations.md, "Budget").
+    # The 2-core CPU with --jobs 2: about 4 hours (docs/ablations.md, "Budget").
     "reduced": Protocol(
         name="reduced",
         sizes={"train": 4000, "val": 1000, "test": 1000},

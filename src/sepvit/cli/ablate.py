@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--protocol",
         choices=tuple(PROTOCOLS),
         default="reduced",
-        help="smoke: seconds, for tests; reduced: the 2-core CPU study (an estimated 3-4 hours with "
+        help="smoke: seconds, for tests; reduced: the 2-core CPU study (about 4 hours with "
         "--jobs 2); full: for a GPU",
     )
     parser.add_argument(
