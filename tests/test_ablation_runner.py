@@ -285,6 +285,15 @@ def test_ablate_writes_under_runs_by_default_and_into_docs_only_when_asked(tmp_p
         assert error.startswith(f"sepvit ablate: error: argument {bad[0]}: must be at least"), error
 
 
+def test_main_runs_without_a_pilot_are_refused_in_one_line_with_any_number_of_jobs(tmp_path, capsys):
+    args = ["ablate", "--protocol", "smoke", "--phase", "main", "--runs", str(tmp_path / "runs")]
+    for jobs in ("1", "2"):
+        assert main([*args, "--jobs", jobs]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "the pilot of the sepvit family has not run" in error[0], jobs
+    assert not (tmp_path / "runs" / "results.json").exists()
+
+
 def test_runs_folder_that_cannot_be_written_is_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the runs folder should be")

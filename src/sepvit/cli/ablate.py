@@ -143,9 +143,12 @@ def run_workers(args: argparse.Namespace, phase: str) -> int:
 
 
 def train_phase(args: argparse.Namespace, protocol, phase: str) -> int:
-    from sepvit.ablation.runner import run_study
+    from sepvit.ablation.runner import planned_runs, read_results, run_study
 
     if args.jobs > 1 and args.shard == (0, 1):
+        # The plan is checked here once (a missing pilot, say), not by every worker in its own line.
+        records = read_results(args.results).records
+        planned_runs(protocol, phase, records, args.tasks, args.variants, args.seeds)
         return run_workers(args, phase)
     try:
         outcome = run_study(
